@@ -1,0 +1,1 @@
+"""Benchmarks for clip_core; run modules with ``python -m bench.<name>``."""

@@ -1,0 +1,149 @@
+"""Modified ResNet image tower (RN50, RN101, RN50x4, RN50x16, RN50x64).
+
+Differences from torchvision's ResNet, as in the CLIP paper: a 3-conv stem with an average
+pool, anti-aliased downsampling (all convs stride 1; strided blocks average-pool after conv2
+and in the shortcut), and attention pooling in place of global average pooling.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip_core.config import ResNetConfig
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> (avgpool) -> 1x1 bottleneck with expansion 4."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool: nn.Module = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride > 1 or inplanes != out:
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride)),
+                        ("0", nn.Conv2d(inplanes, out, 1, stride=1, bias=False)),
+                        ("1", nn.BatchNorm2d(out)),
+                    ]
+                )
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> [B, 4*planes, H/stride, W/stride]."""
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(self.avgpool(y)))
+        return self.relu3(y + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """One multi-head attention layer whose query is the mean of the spatial features."""
+
+    def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.positional_embedding = nn.Parameter(
+            torch.randn(spatial_dim**2 + 1, embed_dim) / embed_dim**0.5
+        )
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, output_dim]."""
+        return self.c_proj(self.pool(x))  # [B, output_dim]
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention-pooled features before the output projection: [B, C, H, W] -> [B, C]."""
+        B, C = x.shape[:2]
+        x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # [B, HW+1, C]
+        x = x + self.positional_embedding.to(x.dtype)
+        hd = C // self.heads
+        q = self.q_proj(x[:, :1]).view(B, 1, self.heads, hd).transpose(1, 2)  # [B, H, 1, hd]
+        k = self.k_proj(x).view(B, -1, self.heads, hd).transpose(1, 2)  # [B, H, HW+1, hd]
+        v = self.v_proj(x).view(B, -1, self.heads, hd).transpose(1, 2)  # [B, H, HW+1, hd]
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, hd]
+        return y.transpose(1, 2).reshape(B, C)  # [B, C]
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet image encoder."""
+
+    def __init__(self, cfg: ResNetConfig, output_dim: int) -> None:
+        super().__init__()
+        w = cfg.width
+        self.image_size = cfg.image_size
+        self.conv1 = nn.Conv2d(3, w // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(w // 2, w // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(w // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(w // 2, w, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(w)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+        self._inplanes = w
+        self.layer1 = self._make_layer(w, cfg.layers[0])
+        self.layer2 = self._make_layer(w * 2, cfg.layers[1], stride=2)
+        self.layer3 = self._make_layer(w * 4, cfg.layers[2], stride=2)
+        self.layer4 = self._make_layer(w * 8, cfg.layers[3], stride=2)
+        self.attnpool = AttentionPool2d(cfg.image_size // 32, w * 32, cfg.heads, output_dim)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        layers = [Bottleneck(self._inplanes, planes, stride)]
+        self._inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def init_parameters(self) -> None:
+        """OpenAI's initialisation: scaled attention-pool projections, zero last BN gain."""
+        std = self.attnpool.c_proj.in_features**-0.5
+        for proj in (self.attnpool.q_proj, self.attnpool.k_proj, self.attnpool.v_proj):
+            nn.init.normal_(proj.weight, std=std)
+        nn.init.normal_(self.attnpool.c_proj.weight, std=std)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                assert isinstance(block, Bottleneck)
+                nn.init.zeros_(block.bn3.weight)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, R, R] -> [B, width, R/4, R/4]."""
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        return self.avgpool(x)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, R, R] -> spatial features [B, 32*width, R/32, R/32]."""
+        x = self.stem(x.to(self.conv1.weight.dtype))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features before the final projection (for linear probes): [B, 32*width]."""
+        return self.attnpool.pool(self.trunk(x))  # [B, 32*width]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, R, R] -> projected features [B, D] (attention pooling)."""
+        return self.attnpool(self.trunk(x))  # [B, D]

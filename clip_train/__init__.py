@@ -1,0 +1,1 @@
+"""clip_train: training code on top of clip_core (optimiser, schedules, training loops)."""
