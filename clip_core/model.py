@@ -46,7 +46,10 @@ class CLIP(nn.Module):
         t = cfg.text
         self.context_length = t.context_length
         self.visual = build_visual(cfg)
-        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        # _weight skips nn.Embedding's own init; init_parameters does OpenAI's.
+        self.token_embedding = nn.Embedding(
+            t.vocab_size, t.width, _weight=torch.empty(t.vocab_size, t.width)
+        )
         self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
         self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, cfg.activation)
         self.ln_final = nn.LayerNorm(t.width)

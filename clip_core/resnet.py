@@ -61,9 +61,7 @@ class AttentionPool2d(nn.Module):
     def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int) -> None:
         super().__init__()
         self.heads = heads
-        self.positional_embedding = nn.Parameter(
-            torch.randn(spatial_dim**2 + 1, embed_dim) / embed_dim**0.5
-        )
+        self.positional_embedding = nn.Parameter(torch.empty(spatial_dim**2 + 1, embed_dim))
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -120,6 +118,7 @@ class ModifiedResNet(nn.Module):
     def init_parameters(self) -> None:
         """OpenAI's initialisation: scaled attention-pool projections, zero last BN gain."""
         std = self.attnpool.c_proj.in_features**-0.5
+        nn.init.normal_(self.attnpool.positional_embedding, std=std)
         for proj in (self.attnpool.q_proj, self.attnpool.k_proj, self.attnpool.v_proj):
             nn.init.normal_(proj.weight, std=std)
         nn.init.normal_(self.attnpool.c_proj.weight, std=std)

@@ -28,6 +28,7 @@ from clip_core.tokenizer import ClipTokenizer
 from clip_core.transforms import EvalTransform, TrainTransform
 from clip_core.zeroshot import build_classifier, mean_per_class_recall, topk_accuracy
 from clip_train.optim import build_optimizer, cosine_lr, set_lr
+from clip_train.runtime import tune_allocator
 
 ZERO_SHOT_TEMPLATES = {
     "colour": ("a {} shape.", "a photo of something {}.", "{} objects."),
@@ -46,7 +47,7 @@ class DemoConfig:
     vocab_size: int = 2048
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 5e-4
     weight_decay: float = 0.2
     warmup_steps: int = 20
     seed: int = 0
@@ -140,6 +141,7 @@ def run_demo(
     """Run the demo end to end; writes ``checkpoint/`` and ``report.json`` under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tune_allocator()
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     started = time.time()

@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_core.config import ConfigError, ModelConfig, load_config_file
+from clip_core.config import (
+    ConfigError,
+    ModelConfig,
+    ResNetConfig,
+    ViTConfig,
+    load_config_file,
+)
 from clip_core.loss import contrastive_loss
 from clip_core.model import CLIP
 from clip_core.registry import (
@@ -153,7 +159,7 @@ def test_unknown_override_does_not_touch_registry() -> None:
     with pytest.raises(ConfigError):
         create_model("tiny-vit", device="meta", text={"layers": 2, "bogus": 1})
     assert get_model_config("tiny-vit") == before
-    assert get_model_config("tiny-vit").text.layers == 4
+    assert get_model_config("tiny-vit").text.layers != 2
 
 
 @pytest.mark.parametrize("where", ["model", "vision", "text"])
@@ -274,20 +280,25 @@ def test_configs_are_frozen() -> None:
 
 def test_overrides_change_the_model() -> None:
     base = create_model("tiny-vit", device="meta")
-    model = create_model("tiny-vit", device="meta", text={"layers": 2}, embed_dim=64)
-    assert len(base.transformer.resblocks) == 4
-    assert len(model.transformer.resblocks) == 2
-    assert model.config.text.layers == 2
+    layers = base.config.text.layers + 1
+    model = create_model("tiny-vit", device="meta", text={"layers": layers}, embed_dim=64)
+    assert len(base.transformer.resblocks) == base.config.text.layers
+    assert len(model.transformer.resblocks) == layers
+    assert model.config.text.layers == layers
     assert model.config.text.width == base.config.text.width  # other text fields kept
+    assert model.config.vision == base.config.vision  # vision untouched
     assert isinstance(model.visual, VisionTransformer)
-    assert len(model.visual.transformer.resblocks) == 4  # vision untouched
-    assert model.text_projection.shape == (128, 64)
-    assert model.visual.proj.shape == (128, 64)
-    assert get_model_config("tiny-vit").text.layers == 4  # the registry's config is unchanged
-    cfg = get_model_config("tiny-rn").replace(vision={"layers": (2, 1, 1, 1)})
+    assert len(model.visual.transformer.resblocks) == base.config.vision.layers
+    assert model.text_projection.shape == (base.config.text.width, 64)
+    assert model.visual.proj.shape == (base.config.vision.width, 64)
+    assert get_model_config("tiny-vit") == base.config  # the registry's config is unchanged
+    rn_cfg = get_model_config("tiny-rn")
+    assert isinstance(rn_cfg.vision, ResNetConfig)
+    depth = rn_cfg.vision.layers[0] + 1
+    cfg = rn_cfg.replace(vision={"layers": (depth, 1, 1, 1)})
     rn = create_model(cfg, device="meta")
     assert isinstance(rn.visual, ModifiedResNet)
-    assert len(rn.visual.layer1) == 2
+    assert len(rn.visual.layer1) == depth
 
 
 @pytest.mark.parametrize("name", [*PAPER_MODELS, *TINY_MODELS])
@@ -323,7 +334,7 @@ def test_forward_shapes_norms_and_logit_scale(tiny_models: dict[str, CLIP], name
     model = tiny_models[name]
     dim = model.config.embed_dim
     images = make_images(model, 3)
-    tokens = make_tokens(model, [4, 9, 31])
+    tokens = make_tokens(model, [4, 9, model.context_length - 1])
     with torch.no_grad():
         image_emb = model.encode_image(images)
         text_emb = model.encode_text(tokens)
@@ -361,7 +372,8 @@ def test_clamp_logit_scale() -> None:
 
 def test_text_feature_is_taken_at_eos(tiny_models: dict[str, CLIP]) -> None:
     model = tiny_models["tiny-vit"]
-    eos = [5, 12, 20]
+    L = model.context_length
+    eos = [5, L // 2, L - 3]
     tokens = make_tokens(model, eos)
     vocab = model.config.text.vocab_size
     with torch.no_grad():
@@ -370,7 +382,7 @@ def test_text_feature_is_taken_at_eos(tiny_models: dict[str, CLIP]) -> None:
         after = tokens.clone()
         gen = torch.Generator().manual_seed(7)
         for row, pos in enumerate(eos):
-            after[row, pos + 1 :] = torch.randint(1, vocab - 2, (tokens.shape[1] - pos - 1,), generator=gen)
+            after[row, pos + 1 :] = torch.randint(1, vocab - 2, (L - pos - 1,), generator=gen)
         assert not torch.equal(after, tokens)
         torch.testing.assert_close(model.encode_text(after), base, atol=1e-6, rtol=0)
         # a shorter context (no padding at all) gives the same features
@@ -392,23 +404,25 @@ def test_text_feature_is_taken_at_eos(tiny_models: dict[str, CLIP]) -> None:
 
 def test_text_feature_equals_manual_pooling(tiny_models: dict[str, CLIP]) -> None:
     model = tiny_models["tiny-vit"]
-    tokens = make_tokens(model, [3, 17])
+    eos = [3, model.context_length - 2]
+    tokens = make_tokens(model, eos)
     with torch.no_grad():
         x = model.token_embedding(tokens) + model.positional_embedding
         for block in model.transformer.resblocks:
             x = block(x, causal=True)
         x = model.ln_final(x)
-        expected = torch.stack([x[0, 3], x[1, 17]]) @ model.text_projection
+        expected = torch.stack([x[0, eos[0]], x[1, eos[1]]]) @ model.text_projection
         torch.testing.assert_close(model.encode_text(tokens), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_batch_independence(tiny_models: dict[str, CLIP], name: str) -> None:
     model = tiny_models[name]
+    L = model.context_length
     images = make_images(model, 4)
-    tokens = make_tokens(model, [3, 8, 15, 31])
+    tokens = make_tokens(model, [3, 8, L // 2 + 3, L - 1])
     other_images = make_images(model, 4, seed=11)
-    other_tokens = make_tokens(model, [30, 2, 9, 6], seed=12)
+    other_tokens = make_tokens(model, [L - 2, 2, 9, 6], seed=12)
     with torch.no_grad():
         image_emb = model.encode_image(images)
         text_emb = model.encode_text(tokens)
@@ -549,14 +563,16 @@ def test_activation_config_selects_the_layer() -> None:
     quick = make_model("tiny-vit")
     exact = make_model("tiny-vit", activation="gelu")
     quick_acts, exact_acts = mlp_activations(quick), mlp_activations(exact)
-    assert len(quick_acts) == len(exact_acts) == 8  # 4 text + 4 vision blocks
+    cfg = quick.config
+    assert isinstance(cfg.vision, ViTConfig)
+    assert len(quick_acts) == len(exact_acts) == cfg.text.layers + cfg.vision.layers
     assert all(type(a) is QuickGELU for a in quick_acts)
     assert all(type(a) is nn.GELU for a in exact_acts)
     assert all(a.approximate == "none" for a in exact_acts if isinstance(a, nn.GELU))
     # same weights, different activation -> different outputs: the layer is really used
     exact.load_state_dict(quick.state_dict())
     images = make_images(quick, 2)
-    tokens = make_tokens(quick, [4, 9])
+    tokens = make_tokens(quick, [4, quick.context_length - 1])
     with torch.no_grad():
         assert (quick.encode_image(images) - exact.encode_image(images)).abs().max() > 1e-4
         assert (quick.encode_text(tokens) - exact.encode_text(tokens)).abs().max() > 1e-4
@@ -566,15 +582,14 @@ def test_activation_config_selects_the_layer() -> None:
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
-def test_grad_checkpointing_same_loss_and_grads(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_grad_checkpointing_same_loss_and_grads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     reference = make_model(name).train()
     checkpointed = copy.deepcopy(reference)
     checkpointed.set_grad_checkpointing(True)
     assert checkpointed.transformer.grad_checkpointing
     images = make_images(reference, 4)
-    tokens = make_tokens(reference, [3, 8, 15, 31])
+    L = reference.context_length
+    tokens = make_tokens(reference, [3, 8, L // 2 + 3, L - 1])
 
     # with checkpointing every block's forward runs again during backward (module hooks do
     # not fire on the recomputation, so count calls of the forward method itself)
@@ -731,21 +746,19 @@ def test_attention_pool_matches_openai_formulation() -> None:
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("name", "width"), [("tiny-vit", 128), ("tiny-rn", 32 * 16)])
-def test_image_features_are_pre_projection(
-    tiny_models: dict[str, CLIP], name: str, width: int
-) -> None:
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_image_features_are_pre_projection(tiny_models: dict[str, CLIP], name: str) -> None:
     model = tiny_models[name]
     images = make_images(model, 2)
     with torch.no_grad():
         feats = model.image_features(images)
         emb = model.encode_image(images)
-    assert feats.shape == (2, width)
     if isinstance(model.visual, VisionTransformer):
-        assert width == model.config.vision.width
+        assert feats.shape == (2, model.config.vision.width)  # ViT: the vision width
         projected = feats @ model.visual.proj
     else:
         assert isinstance(model.visual, ModifiedResNet)
+        assert feats.shape == (2, 32 * model.config.vision.width)  # RN: 32 x width
         projected = model.visual.attnpool.c_proj(feats)
     torch.testing.assert_close(projected, emb, atol=1e-5, rtol=1e-5)
 

@@ -71,6 +71,7 @@ def make_model(name: str, seed: int = 0) -> CLIP:
             model.encode_image(torch.randn(16, 3, model.image_size, model.image_size))
         for m in norms:
             m.momentum = 0.1
+            assert m.num_batches_tracked is not None
             m.num_batches_tracked.fill_(7)  # a non-default counter, so loading it is visible
     return model.eval()
 
@@ -227,7 +228,11 @@ def _state_with(name: str, change: str, tiny_models: dict[str, CLIP]) -> dict[st
         ("tiny-rn", "wrong-shape-rn", r"shape mismatch.*visual\.layer2\.0\.bn2\.running_var"),
         ("tiny-vit", "extra-key", r"unexpected \['visual\.extra_head\.weight'\]"),
         ("tiny-vit", "missing-key", r"missing \['visual\.ln_post\.bias'\]"),
-        ("tiny-rn", "missing-block-key", r"missing \['transformer\.resblocks\.1\.mlp\.c_fc\.bias'\]"),
+        (
+            "tiny-rn",
+            "missing-block-key",
+            r"missing \['transformer\.resblocks\.1\.mlp\.c_fc\.bias'\]",
+        ),
         # the layer count is inferred from in_proj_weight keys: block 3's other keys are extra
         ("tiny-vit", "missing-last-block-counter", r"unexpected.*transformer\.resblocks\.3\."),
         ("tiny-vit", "missing-required", r"missing keys \['text_projection'\]"),
@@ -284,10 +289,9 @@ class TraceableCLIP(CLIP):
         return self.encode_image(images), self.encode_text(tokens)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 @pytest.mark.parametrize("name", TINY_MODELS)
-def test_torchscript_archive_loads(
-    tiny_models: dict[str, CLIP], name: str, tmp_path: Path
-) -> None:
+def test_torchscript_archive_loads(tiny_models: dict[str, CLIP], name: str, tmp_path: Path) -> None:
     model = tiny_models[name]
     traceable = TraceableCLIP(model.config)
     traceable.load_state_dict(model.state_dict(), strict=False)
@@ -364,7 +368,7 @@ def test_non_state_dict_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointFormatError, match="state dict of tensors"):
         load_openai_checkpoint(numbers)
     plain_pickle = tmp_path / "plain.pkl"
-    plain_pickle.write_bytes(pickle.dumps({"a": 1}))
+    plain_pickle.write_bytes(pickle.dumps({"a": 1}, protocol=2))
     with pytest.raises(CheckpointFormatError):
         load_openai_checkpoint(plain_pickle)
     with pytest.raises(FileNotFoundError):
@@ -408,7 +412,8 @@ class FrozenBatchNorm2d(nn.Module):
     def __init__(self, *args, **kwargs):
         raise RuntimeError("torchvision stub: FrozenBatchNorm2d is not available")
 
-tv, ops, misc = (types.ModuleType(n) for n in ("torchvision", "torchvision.ops", "torchvision.ops.misc"))
+stub_names = ("torchvision", "torchvision.ops", "torchvision.ops.misc")
+tv, ops, misc = (types.ModuleType(n) for n in stub_names)
 misc.FrozenBatchNorm2d = FrozenBatchNorm2d
 tv.ops, ops.misc = ops, misc
 sys.modules.update({"torchvision": tv, "torchvision.ops": ops, "torchvision.ops.misc": misc})
@@ -425,7 +430,7 @@ def build(cfg):
         quick_gelu=True,
     )
 
-result = {"shapes": {}, "nonpersistent": {}, "outputs": {}}
+result = {"shapes": {}, "nonpersistent": {}}
 for name in names:
     cfg = json.loads((root / "open_clip" / "model_configs" / f"{name}.json").read_text())
     with torch.device("meta"):
@@ -438,7 +443,11 @@ tiny = torch.load(tiny_file, weights_only=True)
 outs = {}
 for name, item in tiny.items():
     model = build(json.loads(item["config"]))
-    model.load_state_dict(item["state"], strict=True)
+    try:
+        model.load_state_dict(item["state"], strict=True)
+    except RuntimeError as exc:  # reported by the outputs test; the layout test still runs
+        outs[name] = {"error": str(exc)[:2000]}
+        continue
     model.eval()
     captured = {}
     if hasattr(model.visual, "layer4"):  # ResNet: also the trunk output, before attnpool
@@ -543,6 +552,7 @@ def test_open_clip_with_our_weights_gives_our_outputs(
     model = tiny_models[name]
     item = open_clip_oracle["inputs"][name]
     expected = open_clip_oracle["outputs"][name]
+    assert "error" not in expected, f"open_clip cannot load our weights: {expected.get('error')}"
     got = outputs(model, item["images"], item["tokens"])
     torch.testing.assert_close(got[0], expected["image"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], expected["text"], atol=1e-5, rtol=1e-5)

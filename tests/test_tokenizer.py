@@ -7,8 +7,6 @@ import html
 import pickle
 import random
 import re
-import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +19,6 @@ import torch
 
 from clip_core.tokenizer import ClipTokenizer, ContextLengthError, clean_text
 
-OPEN_CLIP_VERSION = "3.3.0"  # `pip index versions open_clip_torch` listed 3.3.0 as the latest
-WHEEL_CACHE = Path.home() / ".cache" / "clipops-test" / "open_clip_wheel"
 MERGES_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 
 SOT = "<|startoftext|>"
@@ -141,26 +137,10 @@ def random_texts(n: int, seed: int) -> list[str]:
 # --------------------------------------------------------------------------- fixtures
 
 
-def _open_clip_wheel() -> Path:
-    """The open_clip_torch wheel, downloaded once into the cache directory."""
-    pattern = f"open_clip_torch-{OPEN_CLIP_VERSION}-*.whl"
-    found = sorted(WHEEL_CACHE.glob(pattern))
-    if found:
-        return found[0]
-    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
-    cmd += [f"open_clip_torch=={OPEN_CLIP_VERSION}", "-d", str(WHEEL_CACHE)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    found = sorted(WHEEL_CACHE.glob(pattern))
-    if proc.returncode != 0 or not found:
-        pytest.fail(f"pip download failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return found[0]
-
-
 @pytest.fixture(scope="module")
-def openai_merges_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def openai_merges_file(tmp_path_factory: pytest.TempPathFactory, open_clip_wheel: Path) -> Path:
     """OpenAI's bpe_simple_vocab_16e6.txt.gz, taken from the open_clip_torch wheel."""
-    with zipfile.ZipFile(_open_clip_wheel()) as wheel:
+    with zipfile.ZipFile(open_clip_wheel) as wheel:
         data = wheel.read(MERGES_MEMBER)
     path = tmp_path_factory.mktemp("openai") / "bpe_simple_vocab_16e6.txt.gz"
     path.write_bytes(data)
