@@ -66,6 +66,16 @@ class AttentionPool2d(nn.Module):
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.c_proj = nn.Linear(embed_dim, output_dim)
+        if self.positional_embedding.device.type != "meta":
+            self.init_parameters()
+
+    def init_parameters(self) -> None:
+        """OpenAI's initialisation: std = width^-0.5 for the embedding and projections."""
+        std = self.c_proj.in_features**-0.5
+        for weight in (self.positional_embedding, self.q_proj.weight, self.k_proj.weight):
+            nn.init.normal_(weight, std=std)
+        nn.init.normal_(self.v_proj.weight, std=std)
+        nn.init.normal_(self.c_proj.weight, std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, output_dim]."""
@@ -117,11 +127,7 @@ class ModifiedResNet(nn.Module):
 
     def init_parameters(self) -> None:
         """OpenAI's initialisation: scaled attention-pool projections, zero last BN gain."""
-        std = self.attnpool.c_proj.in_features**-0.5
-        nn.init.normal_(self.attnpool.positional_embedding, std=std)
-        for proj in (self.attnpool.q_proj, self.attnpool.k_proj, self.attnpool.v_proj):
-            nn.init.normal_(proj.weight, std=std)
-        nn.init.normal_(self.attnpool.c_proj.weight, std=std)
+        self.attnpool.init_parameters()
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 assert isinstance(block, Bottleneck)
