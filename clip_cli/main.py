@@ -48,6 +48,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--option``; the value is JSON when it parses (``3``, ``true``)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed: object = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from clip_data.checks import CheckConfig
+    from clip_data.ingest import IngestConfig, IngestFailed, ingest, summarize
+    from clip_data.shards import ShardConfig
+    from clip_data.sources import SourceError
+
+    try:
+        checks = {"min_side": args.min_side, "max_caption_chars": args.max_caption_chars}
+        cfg = IngestConfig(
+            checks=CheckConfig(**{k: v for k, v in checks.items() if v is not None}),
+            shards=ShardConfig(target_shard_bytes=args.shard_mb << 20),
+            max_bad_fraction=args.max_bad_fraction,
+            workers=args.workers,
+        )
+        manifest = ingest(args.source, args.dest, cfg, args.kind, **dict(args.option))
+    except IngestFailed as exc:
+        print(f"clipops ingest: failed: {exc.summary}", file=sys.stderr)
+        return 1
+    except (SourceError, ValueError, FileExistsError) as exc:
+        print(f"clipops ingest: error: {exc}", file=sys.stderr)
+        return 2
+    shards = manifest["shards"]
+    size = sum(int(s["bytes"]) for s in shards)
+    print(summarize(manifest))
+    print(f"shards: {len(shards)} ({size:,} bytes)  dest: {args.dest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
@@ -66,6 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-samples", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser("ingest", help="validate a source into Parquet shards and a quarantine")
+    p.add_argument("source", help="path, s3:// URI or built-in corpus name (e.g. synthetic)")
+    p.add_argument("dest", help="output directory (an earlier ingest output is replaced)")
+    p.add_argument("--kind", default=None, help="source kind (default: detected)")
+    p.add_argument("--workers", type=int, default=2, help="check processes (default: 2)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05)
+    p.add_argument("--shard-mb", type=int, default=64, help="target shard size in MiB")
+    p.add_argument("--min-side", type=int, default=None, help="smallest image side, pixels")
+    p.add_argument("--max-caption-chars", type=int, default=None)
+    p.add_argument(
+        "--option",
+        type=_parse_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="source option (repeatable; JSON values such as 3 or true are parsed)",
+    )
+    p.set_defaults(handler=_cmd_ingest)
     return parser
 
 

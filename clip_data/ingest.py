@@ -1,0 +1,377 @@
+"""Ingest: stream a source's records through validation into shards and a quarantine.
+
+:func:`ingest_records` pulls :class:`~clip_data.records.RawRecord` objects from any iterable,
+runs :func:`~clip_data.checks.check_record` on each (in a pool of worker processes, since
+decoding images is the cost) and writes accepted rows and rejections with
+:class:`~clip_data.shards.ShardWriter`. :func:`ingest` does the same for a source URI opened
+with :func:`~clip_data.sources.open_source`.
+
+Determinism: results are written in source order whatever the number of workers, so the same
+records and configuration give byte-identical shards and an identical manifest with
+``workers=1`` (checked in-process) or any other worker count. Settings that only affect how
+the work runs (``workers``, ``chunk_size``) are left out of the manifest for that reason.
+
+Bounded memory: records are read lazily in chunks of ``chunk_size``; at most
+``workers * 4`` chunks (:attr:`IngestConfig.window`) are being checked or waiting to be
+written at any time, so the source is never read more than ``window`` records ahead of the
+writer, however fast it is.
+
+Accounting: every record read becomes an accepted row, a duplicate or a quarantined row
+(``read == accepted + duplicates + quarantined``, verified against the number of records
+actually pulled from the source). When the quarantined fraction exceeds
+``max_bad_fraction``, :class:`IngestFailed` is raised *after* the output has been written, so
+the quarantine can be inspected.
+
+Workers are started with the ``forkserver`` method (``spawn`` where that is unavailable), never
+by forking this process: a script that calls :func:`ingest` with ``workers > 1`` needs the
+usual ``if __name__ == "__main__":`` guard, as for any non-fork multiprocessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from multiprocessing.context import BaseContext
+from pathlib import Path
+from typing import Any, TextIO
+
+from clip_data.checks import CheckConfig, CheckedRecord, Rejection, check_record
+from clip_data.records import RawRecord
+from clip_data.shards import QUARANTINE_NAME, Manifest, ShardConfig, ShardWriter
+
+__all__ = ["IngestConfig", "IngestFailed", "bad_fraction", "ingest", "ingest_records", "summarize"]
+
+#: Fields of :class:`IngestConfig` that change how the work runs, never what is written.
+EXECUTION_FIELDS: tuple[str, ...] = ("workers", "chunk_size")
+#: Chunks in flight per worker (being checked, queued, or waiting to be written).
+_CHUNKS_PER_WORKER = 4
+#: Shortest interval between two progress redraws, in seconds.
+_PROGRESS_INTERVAL = 0.25
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How an ingest runs.
+
+    Attributes:
+        checks: Validation thresholds (:class:`~clip_data.checks.CheckConfig`).
+        shards: Shard layout (:class:`~clip_data.shards.ShardConfig`).
+        max_bad_fraction: Largest accepted ``quarantined / read``; above it the output is
+            still written, then :class:`IngestFailed` is raised.
+        workers: Processes that run the checks; ``1`` checks in this process.
+        chunk_size: Records sent to a worker at a time.
+    """
+
+    checks: CheckConfig = field(default_factory=CheckConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    max_bad_fraction: float = 0.05
+    workers: int = 2
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        """Validate the fields with a clear ``ValueError``/``TypeError``."""
+        if not isinstance(self.checks, CheckConfig):
+            raise TypeError(f"checks must be a CheckConfig, got {type(self.checks).__name__}")
+        if not isinstance(self.shards, ShardConfig):
+            raise TypeError(f"shards must be a ShardConfig, got {type(self.shards).__name__}")
+        fraction = self.max_bad_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise ValueError(f"max_bad_fraction must be a number, got {fraction!r}")
+        if not math.isfinite(fraction) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {fraction!r}")
+        _positive_int("workers", self.workers)
+        _positive_int("chunk_size", self.chunk_size)
+
+    @property
+    def window(self) -> int:
+        """Most records read from the source but not yet written (``1`` with one worker)."""
+        if self.workers == 1:
+            return 1
+        return self.workers * self.chunk_size * _CHUNKS_PER_WORKER
+
+    def to_dict(self) -> dict[str, Any]:
+        """All settings as plain JSON-compatible values."""
+        return {
+            "checks": dataclasses.asdict(self.checks),
+            "shards": dataclasses.asdict(self.shards),
+            "max_bad_fraction": self.max_bad_fraction,
+            "workers": self.workers,
+            "chunk_size": self.chunk_size,
+        }
+
+
+def summarize(manifest: Manifest | dict[str, Any]) -> str:
+    """One line of counts: ``read 40, accepted 30, duplicates 2, quarantined 8 (...)``."""
+    counts = manifest["counts"]
+    reasons = ", ".join(f"{r}={n}" for r, n in counts["per_reason"].items())
+    text = (
+        f"read {counts['read']}, accepted {counts['accepted']}, "
+        f"duplicates {counts['duplicates']}, quarantined {counts['quarantined']}"
+    )
+    return f"{text} ({reasons})" if reasons else text
+
+
+def bad_fraction(manifest: Manifest | dict[str, Any]) -> float:
+    """``quarantined / read`` (``0.0`` for an empty source)."""
+    counts = manifest["counts"]
+    read = int(counts["read"])
+    return int(counts["quarantined"]) / read if read else 0.0
+
+
+class IngestFailed(RuntimeError):  # noqa: N818 - the name is part of the API
+    """Too many records were quarantined; the output was written all the same.
+
+    Attributes:
+        manifest: The manifest of the written output.
+        dest: Where the output (and its ``quarantine.parquet``) lies.
+        summary: The short message (counts per reason, bad fraction against the maximum).
+    """
+
+    def __init__(self, manifest: Manifest, dest: str, max_bad_fraction: float) -> None:
+        counts = manifest["counts"]
+        self.manifest = manifest
+        self.dest = dest
+        self.summary = (
+            f"{counts['quarantined']} of {counts['read']} records quarantined "
+            f"({bad_fraction(manifest):.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
+            f"{summarize(manifest)}; see {Path(dest) / QUARANTINE_NAME}"
+        )
+        super().__init__(self.summary)
+
+
+# ------------------------------------------------------------------------- checking
+
+
+def _check_chunk(records: list[RawRecord], checks: CheckConfig) -> list[CheckedRecord | Rejection]:
+    """Worker side: check a chunk; accepted rows come back without their image bytes.
+
+    The parent still holds the original records and puts the bytes back, so images cross
+    the process boundary once instead of twice.
+    """
+    results: list[CheckedRecord | Rejection] = []
+    for record in records:
+        result = check_record(record, checks)
+        if isinstance(result, CheckedRecord):
+            result = dataclasses.replace(result, image=b"")
+        results.append(result)
+    return results
+
+
+def _restore(record: RawRecord, result: CheckedRecord | Rejection) -> CheckedRecord | Rejection:
+    if isinstance(result, CheckedRecord):
+        assert record.image is not None  # accepted, so there was an image
+        return dataclasses.replace(result, image=bytes(record.image))
+    return result
+
+
+def _executor(workers: int) -> ProcessPoolExecutor:
+    """A process pool that never forks this (possibly threaded) process directly."""
+    methods = multiprocessing.get_all_start_methods()
+    context: BaseContext
+    if "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        # Workers fork from a server that has imported the checks (and torch) once.
+        context.set_forkserver_preload(["clip_data.checks"])
+    else:
+        context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+def _check_stream(
+    records: Iterable[RawRecord], config: IngestConfig
+) -> Generator[CheckedRecord | Rejection, None, None]:
+    """The check result of every record, in source order, read at most ``window`` ahead."""
+    if config.workers == 1:
+        for record in records:
+            yield check_record(record, config.checks)
+        return
+    source = iter(records)
+    max_chunks = config.workers * _CHUNKS_PER_WORKER
+    pending: deque[tuple[list[RawRecord], Future[list[CheckedRecord | Rejection]]]] = deque()
+    executor = _executor(config.workers)
+    try:
+        while True:
+            while len(pending) >= max_chunks:  # make room before reading any further
+                chunk, future = pending.popleft()
+                for record, result in zip(chunk, future.result(), strict=True):
+                    yield _restore(record, result)
+            chunk = list(islice(source, config.chunk_size))
+            if not chunk:
+                break
+            pending.append((chunk, executor.submit(_check_chunk, chunk, config.checks)))
+        while pending:
+            chunk, future = pending.popleft()
+            for record, result in zip(chunk, future.result(), strict=True):
+                yield _restore(record, result)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """A single status line on ``stream``, redrawn at most every ``_PROGRESS_INTERVAL`` s."""
+
+    def __init__(self, stream: TextIO, enabled: bool) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self._last = -math.inf
+        self._width = 0
+
+    def _line(self, done: int, quarantined: int) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        return f"ingest: {done:,} rows read, {quarantined:,} quarantined, {rate:,.0f} rows/s"
+
+    def _draw(self, text: str, end: str = "") -> None:
+        pad = " " * max(0, self._width - len(text))
+        self.stream.write(f"\r{text}{pad}{end}")
+        self.stream.flush()
+        self._width = len(text)
+
+    def update(self, done: int, quarantined: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last >= _PROGRESS_INTERVAL:
+            self._last = now
+            self._draw(self._line(done, quarantined))
+
+    def finish(self, done: int, quarantined: int) -> None:
+        if self.enabled:
+            elapsed = time.monotonic() - self.start
+            self._draw(f"{self._line(done, quarantined)}, {elapsed:.1f} s", end="\n")
+
+
+# ------------------------------------------------------------------------- ingest
+
+
+def _manifest_config(config: IngestConfig, source_desc: dict[str, Any] | None) -> dict[str, Any]:
+    """What the manifest records: the output-determining settings and the source."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
+    if source_desc is not None:
+        settings["source"] = source_desc
+    return settings
+
+
+def ingest_records(
+    records: Iterable[RawRecord],
+    dest: str | os.PathLike[str],
+    config: IngestConfig = IngestConfig(),  # frozen, so a shared default is safe
+    source_desc: dict[str, Any] | None = None,
+    progress: bool | None = None,
+) -> Manifest:
+    """Check every record and write the accepted rows and the quarantine to ``dest``.
+
+    Args:
+        records: The raw records, consumed lazily (at most ``config.window`` ahead of what
+            has been written).
+        dest: Output directory (see :class:`~clip_data.shards.ShardWriter`: published
+            atomically, an earlier ingest output there is replaced).
+        config: Thresholds, layout, failure limit and parallelism.
+        source_desc: JSON-compatible description of the source, stored in the manifest's
+            ``ingest_config["source"]``.
+        progress: Show a progress line on stderr; ``None``: only when stderr is a TTY.
+
+    Returns:
+        The manifest of the written output.
+
+    Raises:
+        IngestFailed: More than ``config.max_bad_fraction`` of the records were
+            quarantined (the output is written first).
+        AssertionError: The row accounting does not add up (a bug, never bad data).
+        Any exception from the source or the writer; ``dest`` is then left untouched.
+    """
+    if not isinstance(config, IngestConfig):
+        raise TypeError(f"config must be an IngestConfig, got {type(config).__name__}")
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    meter = _Progress(sys.stderr, show)
+    pulled = 0
+
+    def counted() -> Iterator[RawRecord]:
+        nonlocal pulled
+        for record in records:
+            pulled += 1
+            yield record
+
+    written = quarantined = 0
+    results = _check_stream(counted(), config)
+    try:
+        with ShardWriter(dest, config.shards, _manifest_config(config, source_desc)) as writer:
+            for result in results:
+                if isinstance(result, Rejection):
+                    writer.reject(result)
+                    quarantined += 1
+                else:
+                    writer.add(result)
+                written += 1
+                meter.update(written, quarantined)
+    finally:
+        results.close()  # stops the worker pool, also when the source or writer failed
+        meter.finish(written, quarantined)
+    manifest = writer.manifest
+    if manifest is None:  # ShardWriter.close sets it on a clean exit
+        raise AssertionError("ShardWriter closed without a manifest")
+
+    counts = manifest["counts"]
+    total = counts["accepted"] + counts["duplicates"] + counts["quarantined"]
+    if not (counts["read"] == total == pulled == written):
+        raise AssertionError(
+            f"row accounting broken: pulled {pulled} records from the source, wrote {written}; "
+            f"manifest read={counts['read']}, accepted={counts['accepted']}, "
+            f"duplicates={counts['duplicates']}, quarantined={counts['quarantined']}"
+        )
+    if bad_fraction(manifest) > config.max_bad_fraction:
+        raise IngestFailed(manifest, str(writer.dest), config.max_bad_fraction)
+    return manifest
+
+
+def _describe_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Source options for the manifest: credentials never recorded, the rest as JSON."""
+    described: dict[str, Any] = {}
+    for name in sorted(options):
+        value = options[name]
+        if name == "storage_options" and isinstance(value, dict):
+            described[name] = sorted(str(k) for k in value)  # names only, never secrets
+        else:
+            described[name] = json.loads(json.dumps(value, default=repr))
+    return described
+
+
+def ingest(
+    source: str,
+    dest: str | os.PathLike[str],
+    config: IngestConfig = IngestConfig(),  # frozen, so a shared default is safe
+    kind: str | None = None,
+    *,
+    progress: bool | None = None,
+    **source_options: Any,
+) -> Manifest:
+    """Open ``source`` with :func:`~clip_data.sources.open_source` and ingest it to ``dest``.
+
+    ``kind`` and ``source_options`` go to ``open_source`` (``SourceError`` for an unknown
+    kind or option, or a source that cannot be read) and are recorded in the manifest
+    (``storage_options`` by key names only). See :func:`ingest_records` for the rest.
+    """
+    from clip_data.sources import open_source
+
+    records = open_source(source, kind, **source_options)
+    desc = {"uri": source, "kind": kind, "options": _describe_options(source_options)}
+    return ingest_records(records, dest, config, source_desc=desc, progress=progress)

@@ -1,0 +1,600 @@
+"""Deterministic Parquet shard writer with a manifest and a quarantine file.
+
+An ingest output directory holds::
+
+    part-00000.parquet, part-00001.parquet, ...   accepted rows (ROW_SCHEMA)
+    quarantine.parquet                            rejected rows (QUARANTINE_SCHEMA), always present
+    manifest.json                                 counts, per-file sizes and SHA-256, duplicates
+
+Every row handed to the writer is accounted for: ``read == accepted + duplicates +
+quarantined``. Exact duplicate images (same SHA-256 of the original bytes) keep their first
+occurrence; later ones are listed in the manifest.
+
+Determinism: the same rows in the same order with the same configuration give byte-identical
+files and an identical manifest. Nothing time- or host-dependent is written (Parquet's
+``created_by`` names the pyarrow version only; the manifest holds no timestamps or paths).
+
+Atomicity: everything is written into a hidden temporary directory beside ``dest`` and only
+renamed into place by :meth:`ShardWriter.close`. An existing output at ``dest`` is replaced
+only after the new one is complete (it is moved aside, the new directory renamed in, then the
+old one deleted; POSIX cannot atomically swap non-empty directories, so a crash in that short
+window leaves the old output under a ``.<name>.old-*`` name). On any failure the temporary
+directory is removed and ``dest`` is left untouched.
+
+Memory: rows are streamed to the current shard; at most one row group (``row_group_rows``
+rows, and never more than about ``target_shard_bytes``) is buffered. The duplicate index
+holds one SHA-256 per accepted row.
+
+Only local filesystem destinations are supported for now; writing to ``s3://`` (staging
+locally, then uploading) is a follow-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypedDict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clip_data.checks import CheckedRecord, Rejection
+from clip_data.records import SPLITS
+
+__all__ = [
+    "MANIFEST_NAME",
+    "QUARANTINE_NAME",
+    "QUARANTINE_SCHEMA",
+    "ROW_SCHEMA",
+    "SCHEMA_VERSION",
+    "Manifest",
+    "ShardConfig",
+    "ShardWriter",
+    "iter_rows",
+    "read_manifest",
+    "shard_name",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+QUARANTINE_NAME = "quarantine.parquet"
+
+_META = {b"clipops.schema_version": str(SCHEMA_VERSION).encode()}
+
+#: Schema of accepted rows; ``extra`` is JSON text with sorted keys.
+ROW_SCHEMA: pa.Schema = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("extra", pa.string(), nullable=False),
+    ],
+    metadata=_META,
+)
+
+#: Schema of quarantined rows.
+QUARANTINE_SCHEMA: pa.Schema = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+    ],
+    metadata=_META,
+)
+
+_COMPRESSIONS = frozenset({"zstd", "snappy", "gzip", "brotli", "lz4", "none"})
+# Small, low-cardinality columns get dictionary encoding and statistics; the image bytes never
+# do (statistics of a binary column would copy image prefixes into the footer).
+_DICT_COLUMNS = ["source", "split"]
+_STATS_COLUMNS = ["key", "width", "height", "sha256", "source", "split"]
+# A row group never buffers more than this many raw bytes (binary arrays have 2 GiB offsets).
+_MAX_ROW_GROUP_BYTES = 512 << 20
+_INT32_MAX = 2**31 - 1
+_HASH_CHUNK = 1 << 20
+
+
+def shard_name(index: int) -> str:
+    """File name of shard number ``index`` (``part-00000.parquet``, ...)."""
+    return f"part-{index:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How accepted rows are laid out in shard files.
+
+    Attributes:
+        target_shard_bytes: A shard is closed before the row that would take it past this
+            size (file bytes written so far plus buffered raw bytes). A single row larger than
+            the target gets a shard of its own.
+        row_group_rows: Most rows per Parquet row group (and rows buffered in memory).
+        compression: Parquet codec: zstd, snappy, gzip, brotli, lz4 or none.
+    """
+
+    target_shard_bytes: int = 64 << 20
+    row_group_rows: int = 1024
+    compression: str = "zstd"
+
+    def __post_init__(self) -> None:
+        """Validate the fields."""
+        for name in ("target_shard_bytes", "row_group_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.compression not in _COMPRESSIONS:
+            raise ValueError(
+                f"compression must be one of {sorted(_COMPRESSIONS)}, got {self.compression!r}"
+            )
+
+
+class Manifest(TypedDict):
+    """The contents of ``manifest.json``."""
+
+    schema_version: int
+    counts: dict[str, Any]
+    shards: list[dict[str, Any]]
+    quarantine: dict[str, Any]
+    duplicates: list[dict[str, str]]
+    shard_config: dict[str, Any]
+    ingest_config: dict[str, Any]
+
+
+def _file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _canonical_json(value: Any, what: str) -> str:
+    """Compact JSON with sorted keys; raise ``ValueError`` naming ``what`` if unserialisable."""
+    try:
+        return json.dumps(
+            value, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def _row_values(row: CheckedRecord) -> tuple[Any, ...]:
+    """Validate a :class:`CheckedRecord` and return its column values in ROW_SCHEMA order.
+
+    Raises ``TypeError``/``ValueError`` for a malformed row (a programming error upstream,
+    not bad data: :func:`clip_data.checks.check_record` only builds well-formed rows).
+    """
+    if not isinstance(row, CheckedRecord):
+        raise TypeError(f"add() takes a CheckedRecord, got {type(row).__name__}")
+    for name in ("key", "caption", "sha256", "source", "split"):
+        if not isinstance(getattr(row, name), str):
+            raise TypeError(f"row {row.key!r}: {name} must be str")
+    if not isinstance(row.image, bytes):
+        raise TypeError(f"row {row.key!r}: image must be bytes")
+    for name in ("width", "height"):
+        value = getattr(row, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"row {row.key!r}: {name} must be int")
+        if not 0 < value <= _INT32_MAX:
+            raise ValueError(f"row {row.key!r}: {name}={value} out of range")
+    if row.split not in SPLITS:
+        raise ValueError(f"row {row.key!r}: split {row.split!r} not in {SPLITS}")
+    if hashlib.sha256(row.image).hexdigest() != row.sha256:
+        raise ValueError(f"row {row.key!r}: sha256 does not match the image bytes")
+    if not isinstance(row.extra, dict):
+        raise TypeError(f"row {row.key!r}: extra must be a dict")
+    extra = _canonical_json(row.extra, f"row {row.key!r}: extra")
+    return (
+        row.key,
+        row.image,
+        row.caption,
+        row.width,
+        row.height,
+        row.sha256,
+        row.source,
+        row.split,
+        extra,
+    )
+
+
+def _raw_size(values: tuple[Any, ...]) -> int:
+    """Rough uncompressed size of one row, in bytes (used for shard rollover)."""
+    total = 8  # width + height
+    for value in values:
+        if isinstance(value, bytes):
+            total += len(value)
+        elif isinstance(value, str):
+            total += len(value.encode("utf-8"))
+    return total
+
+
+class _ParquetStream:
+    """One Parquet file written row group by row group, with its byte position tracked."""
+
+    def __init__(self, path: Path, schema: pa.Schema, compression: str) -> None:
+        self.path = path
+        self.rows = 0
+        self._sink = pa.OSFile(str(path), "wb")
+        self._schema = schema
+        try:
+            self._writer = pq.ParquetWriter(
+                self._sink,
+                schema,
+                compression=compression,
+                use_dictionary=[c for c in _DICT_COLUMNS if c in schema.names],
+                write_statistics=[c for c in _STATS_COLUMNS if c in schema.names],
+                write_page_checksum=True,
+                store_schema=True,
+            )
+        except BaseException:
+            self._sink.close()
+            raise
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes in the file so far (every completed row group; the footer comes at close)."""
+        return int(self._sink.tell())
+
+    def write(self, columns: list[list[Any]]) -> None:
+        """Write ``columns`` (one list per schema field) as a single row group."""
+        n = len(columns[0])
+        if n == 0:
+            return
+        arrays = [
+            pa.array(col, type=field.type) for col, field in zip(columns, self._schema, strict=True)
+        ]
+        table = pa.Table.from_arrays(arrays, schema=self._schema)
+        self._writer.write_table(table, row_group_size=n)
+        self.rows += n
+
+    def close(self) -> None:
+        """Write the footer and close the file."""
+        try:
+            self._writer.close()
+        finally:
+            self._sink.close()
+
+
+class ShardWriter:
+    """Stream accepted and rejected rows into a new ingest output directory.
+
+    Use as a context manager; leaving the block normally calls :meth:`close` (which publishes
+    the output and returns the manifest, also available as :attr:`manifest`), leaving it with
+    an exception calls :meth:`abort` (``dest`` untouched, temporary files removed)::
+
+        with ShardWriter(dest, ShardConfig(), ingest_config={...}) as writer:
+            for record in source:
+                result = check_record(record, check_config)
+                if isinstance(result, Rejection):
+                    writer.reject(result)
+                else:
+                    writer.add(result)
+        manifest = writer.manifest
+
+    ``dest`` must be a local path (s3 destinations are a follow-up). An existing ``dest``
+    must be an earlier ingest output (it has a ``manifest.json``) or an empty directory.
+    """
+
+    def __init__(
+        self,
+        dest: str | os.PathLike[str],
+        config: ShardConfig = ShardConfig(),  # frozen, so a shared default is safe
+        ingest_config: dict[str, Any] | None = None,
+    ) -> None:
+        dest_str = os.fspath(dest)
+        if "://" in dest_str:
+            raise ValueError(f"only local destinations are supported for now, got {dest_str!r}")
+        if not isinstance(config, ShardConfig):
+            raise TypeError(f"config must be a ShardConfig, got {type(config).__name__}")
+        self.dest = Path(dest_str).absolute()
+        self.config = config
+        if ingest_config is None:
+            ingest_config = {}
+        if not isinstance(ingest_config, dict):
+            raise TypeError("ingest_config must be a dict or None")
+        # Normalise through JSON so the manifest holds exactly what read_manifest returns.
+        self.ingest_config: dict[str, Any] = json.loads(
+            _canonical_json(ingest_config, "ingest_config")
+        )
+        if self.dest.exists() and not self._replaceable(self.dest):
+            raise FileExistsError(
+                f"{self.dest} exists and is not an ingest output (no {MANIFEST_NAME}) "
+                "or an empty directory; refusing to replace it"
+            )
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        self._tmp.chmod(0o755)  # mkdtemp makes it private; the published output is not
+
+        self.manifest: Manifest | None = None
+        self._closed = False
+        self._read = 0
+        self._seen: dict[str, str] = {}  # sha256 -> key of the first occurrence
+        self._duplicates: list[dict[str, str]] = []
+        self._per_split: Counter[str] = Counter()
+        self._per_reason: Counter[str] = Counter()
+        self._shards: list[dict[str, Any]] = []
+        self._shard: _ParquetStream | None = None
+        self._buffer: list[list[Any]] = [[] for _ in ROW_SCHEMA]
+        self._buffer_bytes = 0
+        self._qbuffer: list[list[Any]] = [[] for _ in QUARANTINE_SCHEMA]
+        try:
+            self._quarantine = _ParquetStream(
+                self._tmp / QUARANTINE_NAME, QUARANTINE_SCHEMA, config.compression
+            )
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
+
+    # ---------------------------------------------------------------- context manager
+
+    def __enter__(self) -> ShardWriter:
+        """Return the writer itself."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Publish on a clean exit, discard everything on an exception."""
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+    # ---------------------------------------------------------------- introspection
+
+    @property
+    def buffered_rows(self) -> int:
+        """Accepted rows held in memory, not yet written to a shard (<= row_group_rows)."""
+        return len(self._buffer[0])
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Raw bytes of the rows held in memory."""
+        return self._buffer_bytes
+
+    @property
+    def temp_dir(self) -> Path:
+        """The temporary directory being written (renamed to ``dest`` by :meth:`close`)."""
+        return self._tmp
+
+    # ---------------------------------------------------------------- writing
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("ShardWriter is already closed")
+
+    def add(self, row: CheckedRecord) -> None:
+        """Append an accepted row, or record it as a duplicate of an earlier identical image.
+
+        Raises ``TypeError``/``ValueError`` for a malformed row (nothing is recorded then).
+        """
+        self._check_open()
+        values = _row_values(row)
+        self._read += 1
+        first = self._seen.get(row.sha256)
+        if first is not None:
+            self._duplicates.append({"key": row.key, "duplicate_of": first, "source": row.source})
+            return
+        self._seen[row.sha256] = row.key
+        self._per_split[row.split] += 1
+
+        size = _raw_size(values)
+        target = self.config.target_shard_bytes
+        if self._shard_rows() > 0:
+            written = self._shard.bytes_written if self._shard is not None else 0
+            if written + self._buffer_bytes + size > target:
+                self._finish_shard()
+            elif self._buffer_bytes + size > _MAX_ROW_GROUP_BYTES:
+                self._flush_rows()
+        for column, value in zip(self._buffer, values, strict=True):
+            column.append(value)
+        self._buffer_bytes += size
+        if self.buffered_rows >= self.config.row_group_rows:
+            self._flush_rows()
+
+    def reject(self, rejection: Rejection) -> None:
+        """Append a rejected row to the quarantine file."""
+        self._check_open()
+        if not isinstance(rejection, Rejection):
+            raise TypeError(f"reject() takes a Rejection, got {type(rejection).__name__}")
+        values = (
+            rejection.key,
+            rejection.source,
+            rejection.split,
+            rejection.reason,
+            rejection.detail,
+        )
+        if not all(isinstance(v, str) for v in values):
+            raise TypeError(f"rejection {rejection.key!r}: all fields must be str")
+        self._read += 1
+        self._per_reason[rejection.reason] += 1
+        for column, value in zip(self._qbuffer, values, strict=True):
+            column.append(value)
+        if len(self._qbuffer[0]) >= self.config.row_group_rows:
+            self._flush_quarantine()
+
+    def _shard_rows(self) -> int:
+        """Rows in the current shard, written or buffered."""
+        written = self._shard.rows if self._shard is not None else 0
+        return written + self.buffered_rows
+
+    def _flush_rows(self) -> None:
+        """Write the buffered accepted rows as one row group of the current shard."""
+        if self.buffered_rows == 0:
+            return
+        if self._shard is None:
+            name = shard_name(len(self._shards))
+            self._shard = _ParquetStream(self._tmp / name, ROW_SCHEMA, self.config.compression)
+        self._shard.write(self._buffer)
+        self._buffer = [[] for _ in ROW_SCHEMA]
+        self._buffer_bytes = 0
+
+    def _finish_shard(self) -> None:
+        """Flush the buffer, close the current shard and record it."""
+        self._flush_rows()
+        shard = self._shard
+        if shard is None:
+            return
+        shard.close()
+        self._shard = None
+        self._shards.append(
+            {
+                "file": shard.path.name,
+                "rows": shard.rows,
+                "bytes": shard.path.stat().st_size,
+                "sha256": _file_sha256(shard.path),
+            }
+        )
+
+    def _flush_quarantine(self) -> None:
+        self._quarantine.write(self._qbuffer)
+        self._qbuffer = [[] for _ in QUARANTINE_SCHEMA]
+
+    # ---------------------------------------------------------------- finishing
+
+    def close(self) -> Manifest:
+        """Finish all files, write ``manifest.json`` and move the output into ``dest``.
+
+        On any failure the temporary directory is removed, ``dest`` is left as it was and the
+        exception propagates.
+        """
+        self._check_open()
+        try:
+            manifest = self._finish()
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        self.manifest = manifest
+        return manifest
+
+    def _finish(self) -> Manifest:
+        self._finish_shard()
+        self._flush_quarantine()
+        self._quarantine.close()
+        qpath = self._quarantine.path
+        accepted = sum(int(s["rows"]) for s in self._shards)
+        quarantined = self._quarantine.rows
+        duplicates = len(self._duplicates)
+        if self._read != accepted + duplicates + quarantined:
+            raise AssertionError(
+                f"row accounting broken: read={self._read} != accepted={accepted} + "
+                f"duplicates={duplicates} + quarantined={quarantined}"
+            )
+        manifest: Manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "counts": {
+                "read": self._read,
+                "accepted": accepted,
+                "duplicates": duplicates,
+                "quarantined": quarantined,
+                "per_split": {s: self._per_split[s] for s in sorted(self._per_split)},
+                "per_reason": {r: self._per_reason[r] for r in sorted(self._per_reason)},
+            },
+            "shards": self._shards,
+            "quarantine": {
+                "file": QUARANTINE_NAME,
+                "rows": quarantined,
+                "sha256": _file_sha256(qpath),
+            },
+            "duplicates": self._duplicates,
+            "shard_config": asdict(self.config),
+            "ingest_config": self.ingest_config,
+        }
+        text = json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+        with (self._tmp / MANIFEST_NAME).open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return manifest
+
+    @staticmethod
+    def _replaceable(path: Path) -> bool:
+        """Whether ``path`` may be replaced: an earlier ingest output or an empty directory."""
+        if not path.is_dir() or path.is_symlink():
+            return False
+        return (path / MANIFEST_NAME).is_file() or not any(path.iterdir())
+
+    def _publish(self) -> None:
+        """Rename the finished temporary directory to ``dest``, replacing an old output."""
+        dest = self.dest
+        if not dest.exists():
+            self._tmp.rename(dest)
+            return
+        if not self._replaceable(dest):
+            raise FileExistsError(f"{dest} changed during ingest; refusing to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old.rmdir()  # only the unique name is needed; rename needs a free target
+        dest.rename(old)
+        try:
+            self._tmp.rename(dest)
+        except BaseException:
+            old.rename(dest)  # put the previous output back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Discard everything written so far; ``dest`` is left untouched. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for stream in (self._shard, self._quarantine):
+            if stream is not None:
+                # Already failing: cleanup must not mask the original exception.
+                with contextlib.suppress(Exception):
+                    stream.close()
+        self._shard = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+# -------------------------------------------------------------------- reading
+
+
+def read_manifest(dest: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load ``manifest.json`` of an ingest output, checking its schema version."""
+    path = Path(dest) / MANIFEST_NAME
+    with path.open(encoding="utf-8") as fh:
+        manifest: dict[str, Any] = json.load(fh)
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
+        )
+    return manifest
+
+
+def iter_rows(dest: str | os.PathLike[str], batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    """Stream accepted rows back from the shards listed in the manifest, in write order.
+
+    Each row is a dict with the ROW_SCHEMA columns; ``extra`` is decoded back to a dict.
+    Only ``batch_size`` rows are materialised at a time.
+    """
+    manifest = read_manifest(dest)
+    for shard in manifest["shards"]:
+        pf = pq.ParquetFile(Path(dest) / shard["file"])
+        try:
+            for batch in pf.iter_batches(batch_size=batch_size):
+                for row in batch.to_pylist():
+                    row["extra"] = json.loads(row["extra"])
+                    yield row
+        finally:
+            pf.close()

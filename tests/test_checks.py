@@ -1,0 +1,252 @@
+"""Tests for clip_data.checks: each reason code from a crafted input; good images kept as-is."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_data.checks import REASONS, CheckConfig, CheckedRecord, Rejection, check_record
+from clip_data.records import RawRecord
+
+DEFAULT = CheckConfig()
+
+
+def _encode(width: int, height: int, fmt: str, seed: int = 0) -> bytes:
+    """A ``width x height`` RGB noise image encoded as ``fmt`` (PNG or JPEG)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk: length, type, payload, CRC."""
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def _bilevel_png(width: int, height: int, with_pixels: bool = True) -> bytes:
+    """A hand-written 1-bit all-black PNG declaring ``width x height``.
+
+    With ``with_pixels=False`` there is no IDAT at all: only the header declares the canvas,
+    which is all a decompression-bomb check should ever look at.
+    """
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    chunks = [_chunk(b"IHDR", ihdr)]
+    if with_pixels:
+        scanline = b"\x00" * (1 + (width + 7) // 8)
+        chunks.append(_chunk(b"IDAT", zlib.compress(scanline * height, 9)))
+    chunks.append(_chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
+
+
+GOOD_PNG = _encode(40, 30, "PNG")
+GOOD_JPEG = _encode(48, 32, "JPEG", seed=1)
+
+
+def _raw(
+    image: bytes | None = GOOD_PNG,
+    caption: bytes | None = b"a photo of a cat",
+    **kwargs: Any,
+) -> RawRecord:
+    return RawRecord(key="k1", image=image, caption=caption, source="src", **kwargs)
+
+
+def _reason(record: RawRecord, config: CheckConfig = DEFAULT) -> Rejection:
+    result = check_record(record, config)
+    assert isinstance(result, Rejection), f"expected a rejection, got {result!r}"
+    assert result.reason in REASONS
+    assert (result.key, result.source, result.split) == (record.key, record.source, record.split)
+    assert result.detail
+    return result
+
+
+# ------------------------------------------------------------------------------ accepted
+
+
+@pytest.mark.parametrize(("data", "size"), [(GOOD_PNG, (40, 30)), (GOOD_JPEG, (48, 32))])
+def test_good_image_accepted_with_original_bytes(data: bytes, size: tuple[int, int]) -> None:
+    record = _raw(data, b"  a photo\tof a cat \n", split="val", extra={"url": "http://x/1"})
+    result = check_record(record, DEFAULT)
+    assert isinstance(result, CheckedRecord)
+    assert result.image == data  # byte-for-byte, not re-encoded
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert (result.width, result.height) == size
+    assert result.caption == "a photo\tof a cat"  # stripped, inner whitespace kept
+    assert (result.key, result.source, result.split) == ("k1", "src", "val")
+    assert result.extra == {"url": "http://x/1"}
+
+
+def test_accepts_non_ascii_caption() -> None:
+    result = check_record(_raw(caption="café ☕".encode()), DEFAULT)
+    assert isinstance(result, CheckedRecord)
+    assert result.caption == "café ☕"
+
+
+# ------------------------------------------------------------------------------ image reasons
+
+
+def test_zero_byte_image() -> None:
+    assert _reason(_raw(b"")).reason == "empty_image"
+
+
+@pytest.mark.parametrize("data", [GOOD_PNG, GOOD_JPEG], ids=["png", "jpeg"])
+def test_truncated_image(data: bytes) -> None:
+    rejection = _reason(_raw(data[: len(data) // 2]))
+    assert rejection.reason == "decode_error"
+
+
+def test_text_bytes_are_not_an_image() -> None:
+    assert _reason(_raw(b"this is a caption, not an image" * 10)).reason == "decode_error"
+
+
+def test_decompression_bomb_from_header() -> None:
+    bomb = _bilevel_png(30_000, 30_000, with_pixels=False)
+    assert len(bomb) < 100
+    rejection = _reason(_raw(bomb))
+    assert rejection.reason == "decompression_bomb"
+
+
+def test_bomb_limit_is_config_max_pixels() -> None:
+    data = _encode(100, 100, "PNG")
+    config = CheckConfig(max_pixels=5_000)
+    assert _reason(_raw(data), config).reason == "decompression_bomb"
+    assert isinstance(check_record(_raw(data), CheckConfig(max_pixels=10_000)), CheckedRecord)
+
+
+def test_too_small() -> None:
+    assert _reason(_raw(_encode(4, 4, "PNG"))).reason == "too_small"
+    assert _reason(_raw(_encode(40, 7, "PNG"))).reason == "too_small"
+    assert isinstance(check_record(_raw(_encode(8, 8, "PNG")), DEFAULT), CheckedRecord)
+
+
+def test_too_large_side_default_limit() -> None:
+    # 16385 x 8: few pixels, but one side over the default max_side of 16384.
+    rejection = _reason(_raw(_bilevel_png(16_385, 8)))
+    assert rejection.reason == "too_large"
+    assert "16385x8" in rejection.detail
+
+
+def test_too_large_side_configured() -> None:
+    data = _encode(100, 60, "PNG")
+    assert _reason(_raw(data), CheckConfig(max_side=64)).reason == "too_large"
+    assert isinstance(check_record(_raw(data), CheckConfig(max_side=100)), CheckedRecord)
+
+
+def test_bad_aspect() -> None:
+    assert _reason(_raw(_bilevel_png(1000, 10))).reason == "bad_aspect"
+    assert _reason(_raw(_bilevel_png(10, 1000))).reason == "bad_aspect"
+    # exactly at the limit is accepted
+    assert isinstance(check_record(_raw(_bilevel_png(200, 10)), DEFAULT), CheckedRecord)
+
+
+def test_missing_image() -> None:
+    assert _reason(_raw(None)).reason == "missing_image"
+
+
+def test_image_of_wrong_type_is_rejected_not_raised() -> None:
+    record = RawRecord(key="k", image="not bytes", caption=b"x", source="s")  # type: ignore[arg-type]
+    assert _reason(record).reason == "decode_error"
+
+
+# ------------------------------------------------------------------------------ caption reasons
+
+
+@pytest.mark.parametrize("caption", [b"", b"   ", b" \t\n\r ", "\u3000\u00a0".encode()])
+def test_empty_or_whitespace_caption(caption: bytes) -> None:
+    assert _reason(_raw(caption=caption)).reason == "caption_empty"
+
+
+def test_caption_below_configured_minimum() -> None:
+    config = CheckConfig(min_caption_chars=5)
+    assert _reason(_raw(caption=b" cat "), config).reason == "caption_empty"
+    assert isinstance(check_record(_raw(caption=b"a cat"), config), CheckedRecord)
+
+
+def test_caption_not_utf8_reports_offset() -> None:
+    rejection = _reason(_raw(caption=b"caf\xe9"))
+    assert rejection.reason == "caption_not_utf8"
+    assert "byte offset 3" in rejection.detail
+
+
+def test_caption_too_long() -> None:
+    assert _reason(_raw(caption=b"x" * 100_000)).reason == "caption_too_long"
+    config = CheckConfig(max_caption_chars=10)
+    assert _reason(_raw(caption=("é" * 11).encode()), config).reason == "caption_too_long"
+    # the bound counts characters after stripping, not bytes
+    assert isinstance(check_record(_raw(caption=("  " + "é" * 10).encode()), config), CheckedRecord)
+
+
+def test_caption_not_utf8_checked_before_image_decode() -> None:
+    assert _reason(_raw(b"garbage", caption=b"\xff")).reason == "caption_not_utf8"
+
+
+def test_missing_caption() -> None:
+    assert _reason(_raw(caption=None)).reason == "missing_caption"
+
+
+# ------------------------------------------------------------------------------ record reasons
+
+
+def test_unsafe_member_problem() -> None:
+    rejection = _reason(_raw(problem="unsafe tar member name '../../etc/passwd'"))
+    assert rejection.reason == "unsafe_member"
+    assert "../../etc/passwd" in rejection.detail
+
+
+@pytest.mark.parametrize("split", ["training", "", "TRAIN"])
+def test_bad_split(split: str) -> None:
+    assert _reason(_raw(split=split)).reason == "bad_split"
+
+
+def test_every_reason_code_is_reachable() -> None:
+    """The crafted inputs above cover the whole reason vocabulary."""
+    inputs = [
+        _raw(problem="bad"),
+        _raw(None),
+        _raw(caption=None),
+        _raw(b""),
+        _raw(b"not an image"),
+        _raw(_bilevel_png(30_000, 30_000, with_pixels=False)),
+        _raw(_encode(4, 4, "PNG")),
+        _raw(_bilevel_png(16_385, 8)),
+        _raw(_bilevel_png(1000, 10)),
+        _raw(caption=b"caf\xe9"),
+        _raw(caption=b" "),
+        _raw(caption=b"x" * 100_000),
+        _raw(split="nope"),
+    ]
+    assert sorted(_reason(r).reason for r in inputs) == sorted(REASONS)
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"min_side": 0},
+        {"min_side": 100, "max_side": 50},
+        {"max_side": -1},
+        {"max_pixels": 0},
+        {"min_side": 100, "max_pixels": 9_999},
+        {"max_aspect": 0.5},
+        {"max_aspect": float("inf")},
+        {"max_aspect": float("nan")},
+        {"min_caption_chars": 0},
+        {"min_caption_chars": 10, "max_caption_chars": 5},
+        {"max_caption_chars": 1.5},
+        {"min_side": True},
+    ],
+)
+def test_config_validation(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        CheckConfig(**kwargs)
