@@ -16,10 +16,10 @@ def tune_allocator(threshold: int = 512 << 20) -> bool:
     """Keep freed tensor memory in the heap instead of returning it to the OS.
 
     glibc serves large allocations (activations, batches) with fresh mmap pages and unmaps
-    them on free; every training step then pays first-touch page faults for tens of MB.
-    Raising the mmap and trim thresholds lets the heap reuse that memory: on the CI-class
-    VMs here a tiny-vit training step ran ~10x faster in its first steps (BENCHMARKS.md).
-    Returns False where glibc is not available (the setting is then left alone).
+    them on free, so a training step can pay first-touch page faults for tens of MB each
+    time. Raising the mmap and trim thresholds lets the heap reuse that memory. The effect
+    measured so far is mixed (BENCHMARKS.md, "Allocator"); ``bench/allocator.py`` measures
+    it. Returns False where glibc is not available (the setting is then left alone).
     """
     name = ctypes.util.find_library("c")
     if name is None:
