@@ -1,0 +1,118 @@
+"""Ingest throughput against the bare cost of reading and decoding the same images.
+
+Baseline (same session, same files): one Python loop that reads each image file and fully
+decodes it with Pillow. Measured: ``clip_data.ingest.ingest`` (read, validate with a full
+decode, hash, dedupe, write Parquet shards) from a folder source and from WebDataset tars,
+with 1 and 2 worker processes. Variants alternate over ``--rounds``; medians are reported.
+
+    .venv/bin/python -m bench.ingest [--rows 2000] [--size 256] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+
+def make_sources(root: Path, rows: int, size: int) -> tuple[Path, Path]:
+    """A folder of JPEGs with .txt captions and the same pairs as 4 WebDataset tars."""
+    folder, shards = root / "folder", root / "wds"
+    folder.mkdir()
+    shards.mkdir()
+    with contextlib.ExitStack() as stack:
+        tars = [stack.enter_context(tarfile.open(shards / f"{i:05d}.tar", "w")) for i in range(4)]
+        _fill(folder, tars, rows, size)
+    return folder, shards
+
+
+def _fill(folder: Path, tars: list[tarfile.TarFile], rows: int, size: int) -> None:
+    from clip_core.synthetic import SyntheticConfig, generate
+
+    for i, sample in enumerate(generate(rows, "train", SyntheticConfig(image_size=size))):
+        buf = io.BytesIO()
+        sample.image.save(buf, format="JPEG", quality=90)
+        image, caption = buf.getvalue(), sample.caption.encode()
+        key = f"{i:08d}"
+        (folder / f"{key}.jpg").write_bytes(image)
+        (folder / f"{key}.txt").write_bytes(caption)
+        for name, data in ((f"{key}.jpg", image), (f"{key}.txt", caption)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tars[i % 4].addfile(info, io.BytesIO(data))
+
+
+def bare_decode(folder: Path) -> int:
+    """Read and fully decode every image with Pillow in one loop; returns the count."""
+    n = 0
+    for path in sorted(folder.glob("*.jpg")):
+        with Image.open(io.BytesIO(path.read_bytes())) as img:
+            img.load()
+        n += 1
+    return n
+
+
+def timed(fn: Callable[[], int]) -> tuple[float, int]:
+    """(seconds, rows) of one call."""
+    start = time.perf_counter()
+    rows = fn()
+    return time.perf_counter() - start, rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the sources, alternate the variants, print rows/s and ratios to bare decode."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args(argv)
+
+    from clip_data.ingest import IngestConfig, ingest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folder, shards = make_sources(root, args.rows, args.size)
+
+        def run(source: Path, workers: int) -> Callable[[], int]:
+            def go() -> int:
+                cfg = IngestConfig(workers=workers)
+                manifest = ingest(str(source), root / f"out-{workers}", cfg, progress=False)
+                return int(manifest["counts"]["accepted"])
+
+            return go
+
+        variants: dict[str, Callable[[], int]] = {
+            "bare decode (1 core)": lambda: bare_decode(folder),
+            "ingest folder, 1 worker": run(folder, 1),
+            "ingest folder, 2 workers": run(folder, 2),
+            "ingest webdataset, 1 worker": run(shards, 1),
+            "ingest webdataset, 2 workers": run(shards, 2),
+        }
+        run(folder, 2)()  # warm-up: starts the forkserver and imports once
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, fn in variants.items():
+                elapsed, rows = timed(fn)
+                if rows != args.rows:
+                    raise SystemExit(f"{name}: {rows} rows accepted, expected {args.rows}")
+                seconds[name].append(elapsed)
+    base = args.rows / statistics.median(seconds["bare decode (1 core)"])
+    print(f"{args.rows} JPEGs of {args.size}x{args.size}, median of {args.rounds} rounds")
+    print(f"{'variant':<30} {'rows/s':>9} {'vs bare decode':>15}")
+    for name, values in seconds.items():
+        rate = args.rows / statistics.median(values)
+        print(f"{name:<30} {rate:>9.0f} {rate / base:>14.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
