@@ -88,6 +88,26 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from clip_data.validate import DatasetError, ValidationConfig, validate_dataset
+
+    try:
+        cfg = ValidationConfig() if args.config is None else ValidationConfig.from_file(args.config)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"clipops validate: bad config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = validate_dataset(args.dest, cfg)
+    except (DatasetError, OSError) as exc:
+        print(f"clipops validate: error: {exc}", file=sys.stderr)
+        return 2
+    if not report.success:
+        print(report.summary(), file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
@@ -125,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="source option (repeatable; JSON values such as 3 or true are parsed)",
     )
     p.set_defaults(handler=_cmd_ingest)
+    p = sub.add_parser("validate", help="check an ingest output with Great Expectations")
+    p.add_argument("dest", help="ingest output directory (validation.json is written there)")
+    p.add_argument("--config", default=None, help="thresholds file (.yaml/.yml or .json)")
+    p.set_defaults(handler=_cmd_validate)
     return parser
 
 

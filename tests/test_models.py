@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from model_names import PAPER_MODELS, TINY_MODELS
 from torch import nn
 
 from clip_core.config import (
@@ -37,19 +38,6 @@ from clip_core.registry import (
 from clip_core.resnet import AttentionPool2d, Bottleneck, ModifiedResNet
 from clip_core.transformer import QuickGELU, ResidualAttentionBlock, SelfAttention
 from clip_core.vit import VisionTransformer
-
-PAPER_MODELS = [
-    "RN50",
-    "RN101",
-    "RN50x4",
-    "RN50x16",
-    "RN50x64",
-    "ViT-B-32",
-    "ViT-B-16",
-    "ViT-L-14",
-    "ViT-L-14-336",
-]
-TINY_MODELS = ["tiny-vit", "tiny-rn"]
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_names import PAPER_MODELS, TINY_MODELS
 from safetensors.torch import save_file
 from torch import nn
 
@@ -34,18 +35,6 @@ from clip_core.openai import (
 from clip_core.registry import create_model, get_model_config
 from clip_core.resnet import ModifiedResNet
 
-PAPER_MODELS = [
-    "RN50",
-    "RN101",
-    "RN50x4",
-    "RN50x16",
-    "RN50x64",
-    "ViT-B-32",
-    "ViT-B-16",
-    "ViT-L-14",
-    "ViT-L-14-336",
-]
-TINY_MODELS = ["tiny-vit", "tiny-rn"]
 TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
