@@ -53,7 +53,11 @@ def _vision_config(state: dict[str, torch.Tensor]) -> ViTConfig | ResNetConfig:
 
 
 def infer_config(state: dict[str, torch.Tensor], name: str = "openai") -> ModelConfig:
-    """Recover the ``ModelConfig`` of an OpenAI-format state dict from shapes and key counts."""
+    """Recover the ``ModelConfig`` of an OpenAI-format state dict from shapes and key counts.
+
+    Head counts are not stored in the weights; as in every OpenAI release they are taken as
+    width // 64 (text, ViT) and 32 * width // 64 (ResNet attention pool).
+    """
     required = [
         "text_projection",
         "positional_embedding",
@@ -98,9 +102,17 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise CheckpointFormatError(f"{path}: not a readable safetensors file: {exc}") from exc
     if _is_torchscript_archive(path):
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        try:
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        except Exception as exc:
+            raise CheckpointFormatError(
+                f"{path}: not a loadable TorchScript archive: {exc}"
+            ) from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -117,7 +129,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def load_openai_checkpoint(
     source: str | os.PathLike[str] | dict[str, torch.Tensor], name: str = "openai"
 ) -> CLIP:
-    """Build a float32 CLIP from an OpenAI checkpoint (path or state dict); no config needed."""
+    """Build a float32 CLIP from an OpenAI checkpoint (path or state dict); no config needed.
+
+    Float32 tensors of a passed-in state dict are used in place (not copied): the model
+    shares their storage.
+    """
     state = dict(source) if isinstance(source, dict) else read_state_dict(source)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     for key in _NON_PARAMETER_KEYS:

@@ -15,6 +15,7 @@ import pickle
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -551,3 +552,16 @@ def test_open_clip_with_our_weights_gives_our_outputs(
         torch.testing.assert_close(trunk, expected["trunk"], atol=1e-5, rtol=1e-5)
     else:
         assert "trunk" not in expected
+
+
+def test_corrupt_safetensors_and_torchscript_files_raise_format_error(tmp_path: Path) -> None:
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointFormatError, match="safetensors"):
+        read_state_dict(bad_st)
+    fake_ts = tmp_path / "fake.pt"
+    with zipfile.ZipFile(fake_ts, "w") as zf:
+        zf.writestr("fake/constants.pkl", b"garbage")
+        zf.writestr("fake/code/__torch__.py", b"garbage")
+    with pytest.raises(CheckpointFormatError, match="TorchScript"):
+        read_state_dict(fake_ts)
