@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="source option (repeatable; JSON values such as 3 or true are parsed)",
     )
     p.set_defaults(handler=_cmd_ingest)
+
     p = sub.add_parser("validate", help="check an ingest output with Great Expectations")
     p.add_argument("dest", help="ingest output directory (validation.json is written there)")
     p.add_argument("--config", default=None, help="thresholds file (.yaml/.yml or .json)")

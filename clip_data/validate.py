@@ -30,6 +30,7 @@ accepted row, captions included) is held in memory, as GX's pandas engine needs.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -37,15 +38,16 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_data.shards import MANIFEST_NAME, ROW_SCHEMA, read_manifest
 
-if TYPE_CHECKING:
-    import pandas as pd
+# pandas ships no type stubs in this environment: frames are typed as Any (pandas.DataFrame at
+# runtime) and pandas is imported via importlib so mypy does not look for its stubs.
+_DataFrame: TypeAlias = Any
 
 __all__ = [
     "FRAME_COLUMNS",
@@ -249,7 +251,8 @@ def _open_dataset(dest: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
         for shard in shards:
             if not isinstance(shard["file"], str) or "/" in shard["file"]:
                 raise ValueError(f"bad shard file name {shard['file']!r}")
-        manifest["counts"]["accepted"]  # noqa: B018 - presence check
+        if "accepted" not in manifest["counts"]:
+            raise KeyError("counts.accepted")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"{path / MANIFEST_NAME}: invalid manifest: {exc}") from exc
     return path, manifest
@@ -305,18 +308,17 @@ def _decode_caption(raw: object) -> tuple[str | None, int | None, bool | None]:
     return text, len(text), True
 
 
-def _aspect(width: object, height: object) -> float | None:
+def _aspect(width: Any, height: Any) -> float | None:
     if not _is_number(width) or not _is_number(height):
         return None
-    lo, hi = min(width, height), max(width, height)  # type: ignore[type-var]
+    lo, hi = min(width, height), max(width, height)
     if lo <= 0:
         return None
     return float(hi) / float(lo)
 
 
-def _read_frame(path: Path, manifest: dict[str, Any], sample_size: int) -> pd.DataFrame:
-    import pandas as pd
-
+def _read_frame(path: Path, manifest: dict[str, Any], sample_size: int) -> _DataFrame:
+    pd: Any = importlib.import_module("pandas")
     files: list[pq.ParquetFile] = []
     try:
         for shard in manifest["shards"]:
@@ -370,15 +372,22 @@ def _read_frame(path: Path, manifest: dict[str, Any], sample_size: int) -> pd.Da
         for pf in files:
             pf.close()
     frame = pd.DataFrame(data, columns=list(FRAME_COLUMNS))
-    for name in ("caption_chars", "width", "height"):
-        frame[name] = frame[name].astype("Int64")
-    frame["aspect"] = frame["aspect"].astype("float64")
+    for name, dtype in (
+        ("caption_chars", "Int64"),
+        ("width", "Int64"),
+        ("height", "Int64"),
+        ("aspect", "float64"),
+    ):
+        try:
+            frame[name] = frame[name].astype(dtype)
+        except (TypeError, ValueError):  # a tampered shard with a mistyped column
+            frame[name] = frame[name].astype(object)
     for name in ("caption_utf8_ok", "decode_ok"):
         frame[name] = frame[name].astype(object)
     return frame
 
 
-def metadata_frame(dest: str | os.PathLike[str], sample_size: int = 256) -> pd.DataFrame:
+def metadata_frame(dest: str | os.PathLike[str], sample_size: int = 256) -> _DataFrame:
     """One row per accepted row of the ingest output at ``dest``, with derived columns.
 
     Columns are :data:`FRAME_COLUMNS`: key, caption, caption_chars, caption_utf8_ok, width,
@@ -400,6 +409,7 @@ def _entry(
     name: str,
     column: str | None,
     success: bool,
+    *,
     unexpected_count: int | None = None,
     unexpected_percent: float | None = None,
     examples: list[Any] | None = None,
@@ -425,7 +435,7 @@ def _file_sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _extra_checks(path: Path, manifest: dict[str, Any], frame: pd.DataFrame) -> list[dict[str, Any]]:
+def _extra_checks(path: Path, manifest: dict[str, Any], frame: _DataFrame) -> list[dict[str, Any]]:
     """Checks GX cannot express on the frame: the manifest and the shard files themselves."""
     rows = len(frame)
     shards = manifest["shards"]
@@ -453,9 +463,27 @@ def _extra_checks(path: Path, manifest: dict[str, Any], frame: pd.DataFrame) -> 
         if dict(found_splits) != {k: v for k, v in per_split.items() if v}:
             problems.append(f"manifest per_split={per_split} but found {dict(found_splits)}")
     return [
-        _entry("manifest_counts_match_rows", None, not problems, len(problems), None, problems),
-        _entry("shard_schema_matches", None, not bad_schema, len(bad_schema), None, bad_schema),
-        _entry("shard_sha256_matches_manifest", None, not bad_sha, len(bad_sha), None, bad_sha),
+        _entry(
+            "manifest_counts_match_rows",
+            None,
+            not problems,
+            unexpected_count=len(problems),
+            examples=problems,
+        ),
+        _entry(
+            "shard_schema_matches",
+            None,
+            not bad_schema,
+            unexpected_count=len(bad_schema),
+            examples=bad_schema,
+        ),
+        _entry(
+            "shard_sha256_matches_manifest",
+            None,
+            not bad_sha,
+            unexpected_count=len(bad_sha),
+            examples=bad_sha,
+        ),
     ]
 
 
@@ -503,7 +531,7 @@ def _build_suite(gx: Any, config: ValidationConfig) -> Any:
     return suite
 
 
-def _json_safe(value: Any) -> Any:
+def _json_safe(value: Any) -> Any:  # noqa: PLR0911 - one return per kind of value
     """Replace NaN/inf with ``None`` and anything unserialisable with its ``str``."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -514,11 +542,10 @@ def _json_safe(value: Any) -> Any:
     if value is None or isinstance(value, str | int | bool):
         return value
     import numpy as np
-    import pandas as pd
 
     if isinstance(value, np.generic):
         return _json_safe(value.item())
-    if value is pd.NA:
+    if value is importlib.import_module("pandas").NA:
         return None
     return str(value)
 
@@ -535,13 +562,13 @@ def _gx_entry(result: Any) -> dict[str, Any]:
         str(cfg.type),
         cfg.kwargs.get("column"),
         bool(result.success),
-        res.get("unexpected_count"),
-        res.get("unexpected_percent"),
-        examples,
+        unexpected_count=res.get("unexpected_count"),
+        unexpected_percent=res.get("unexpected_percent"),
+        examples=examples,
     )
 
 
-def _run_gx(frame: pd.DataFrame, config: ValidationConfig) -> tuple[list[dict[str, Any]], Any]:
+def _run_gx(frame: _DataFrame, config: ValidationConfig) -> tuple[list[dict[str, Any]], Any]:
     """Run the suite on ``frame``; return report entries (suite order) and the GX result."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
@@ -606,9 +633,7 @@ def validate_dataset(
         raise DatasetError(f"cannot read shards of {path}: {exc}") from exc
     entries.extend(extra)
     success = bool(result.success) and all(e["success"] for e in extra)
-    report = ValidationReport(
-        success=success, dataset=str(path), rows=len(frame), results=entries
-    )
+    report = ValidationReport(success=success, dataset=str(path), rows=len(frame), results=entries)
     sampled = int(frame["decode_ok"].notna().sum())
     _write_json(
         path / REPORT_NAME,
