@@ -43,11 +43,17 @@ from dataclasses import dataclass, field
 from itertools import islice
 from multiprocessing.context import BaseContext
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from clip_data.checks import CheckConfig, CheckedRecord, Rejection, check_record
 from clip_data.records import RawRecord
-from clip_data.shards import QUARANTINE_NAME, Manifest, ShardConfig, ShardWriter
+from clip_data.shards import (
+    QUARANTINE_NAME,
+    Manifest,
+    ShardConfig,
+    ShardWriter,
+    read_manifest,
+)
 
 __all__ = ["IngestConfig", "IngestFailed", "bad_fraction", "ingest", "ingest_records", "summarize"]
 
@@ -338,6 +344,10 @@ def ingest_records(
             f"manifest read={counts['read']}, accepted={counts['accepted']}, "
             f"duplicates={counts['duplicates']}, quarantined={counts['quarantined']}"
         )
+    from clip_data.versioning import stamp_manifest
+
+    stamp_manifest(writer.dest)  # the dataset version (DVC md5) later stages log
+    manifest = cast(Manifest, read_manifest(writer.dest))
     if bad_fraction(manifest) > config.max_bad_fraction:
         raise IngestFailed(manifest, str(writer.dest), config.max_bad_fraction)
     return manifest

@@ -23,6 +23,7 @@ See ``docs/data.md`` for the remotes (local default, S3-compatible endpoints).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -39,6 +40,8 @@ import yaml
 
 from clip_core.synthetic import SyntheticConfig, encode_png, generate
 from clip_data.shards import MANIFEST_NAME, read_manifest
+
+_UNHASHED = frozenset({MANIFEST_NAME, "validation.json"})  # files about the data
 
 __all__ = [
     "CAPTIONS_NAME",
@@ -143,6 +146,15 @@ def _local_fs() -> Any:
     return LocalFileSystem()
 
 
+def _forget_tree_bytes(tree: Any) -> None:
+    """Drop the directory listing ``Tree.digest`` leaves in dvc_objects' global memory fs."""
+    fs: Any = getattr(tree, "fs", None)
+    path = getattr(tree, "path", None)
+    if fs is not None and path and getattr(fs, "protocol", None) in ("memory", ("memory",)):
+        with contextlib.suppress(Exception):
+            fs.rm(path)
+
+
 def dvc_md5(path: str | os.PathLike[str]) -> str:
     """The md5 ``dvc add`` records for ``path`` (a file, or a directory with a ``.dir`` suffix).
 
@@ -152,6 +164,7 @@ def dvc_md5(path: str | os.PathLike[str]) -> str:
     """
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
+    from dvc_data.hashfile.tree import Tree
     from dvc_objects.fs import MemoryFileSystem
 
     target = Path(path)
@@ -160,6 +173,8 @@ def dvc_md5(path: str | os.PathLike[str]) -> str:
     odb = HashFileDB(MemoryFileSystem(), "memory://clipops-dvc-md5")
     _, _, obj = build(odb, os.fspath(target.resolve()), _local_fs(), "md5", dry_run=True)
     value = obj.hash_info.value
+    if isinstance(obj, Tree):
+        _forget_tree_bytes(obj)
     if not value:
         raise RuntimeError(f"dvc_data returned no md5 for {target}")
     return str(value)
@@ -176,15 +191,18 @@ def _files_md5(root: Path, rel_paths: Sequence[str]) -> str:
         meta, hash_info = hash_file(os.fspath(root / rel), fs, "md5")
         tree.add(tuple(rel.split("/")), meta, hash_info)
     tree.digest()
-    return str(tree.hash_info.value)
+    value = str(tree.hash_info.value)
+    _forget_tree_bytes(tree)
+    return value
 
 
 def stamp_manifest(dest: str | os.PathLike[str]) -> str:
     """Write the dataset version of the ingest output ``dest`` into its manifest; return it.
 
-    The version is the md5 ``dvc add`` would record for ``dest`` if ``manifest.json`` were not
-    in it: every regular file under ``dest`` (shards, quarantine) except the top-level
-    manifest. Excluding the manifest keeps stamping idempotent. The manifest gains
+    The version is the md5 ``dvc add`` would record for ``dest`` without its top-level
+    ``manifest.json`` and ``validation.json``: the shards and the quarantine. Excluding the
+    files written about the data keeps stamping idempotent and independent of validation.
+    The manifest gains
     ``"dataset_version": {"dvc_md5": ..., "scheme": "dvc-md5"}`` and is rewritten atomically in
     the shard writer's format (sorted keys, two-space indent).
     """
@@ -193,7 +211,7 @@ def stamp_manifest(dest: str | os.PathLike[str]) -> str:
     rel_paths = [
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_NAME
+        if p.is_file() and p.relative_to(root).as_posix() not in _UNHASHED
     ]
     if not rel_paths:
         raise ValueError(f"{root} holds no files besides {MANIFEST_NAME}")
@@ -306,11 +324,7 @@ def restore(repo: str | os.PathLike[str] = ".", remote: str | None = None) -> st
         print(f"dvc pull failed; regenerating {RAW_DIR}:\n{exc}", file=sys.stderr)
     data = root / DATA_DIR
     write_demo_raw(root / RAW_DIR, overwrite=True)
-    extra = sorted(
-        p.relative_to(data).as_posix()
-        for p in data.iterdir()
-        if p.name != Path(RAW_DIR).name and not p.name.startswith(".raw.tmp-")
-    )
+    extra = sorted(p.name for p in data.iterdir() if p.name != Path(RAW_DIR).name)
     actual = dvc_md5(data)
     if actual != expected:
         raise RuntimeError(

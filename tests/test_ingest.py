@@ -372,3 +372,21 @@ def test_cli_ingest_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str
         out, err = capsys.readouterr()
         assert err.startswith("clipops ingest: error:") and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_manifest_carries_the_dvc_dataset_version(tmp_path: Path) -> None:
+    from clip_data.versioning import dvc_md5
+
+    config = IngestConfig(workers=1, max_bad_fraction=1.0)
+    first = ingest_records(mixed_records(), tmp_path / "a", config, progress=False)
+    version = first["dataset_version"]["dvc_md5"]  # type: ignore[typeddict-item]
+    assert version.endswith(".dir")
+    # equal to DVC's md5 of the shards + quarantine without the manifest
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name, data in files(tmp_path / "a").items():
+        if name != "manifest.json":
+            (copy / name).write_bytes(data)
+    assert dvc_md5(copy) == version
+    other = ingest_records(mixed_records(n_good=5), tmp_path / "b", config, progress=False)
+    assert other["dataset_version"]["dvc_md5"] != version  # type: ignore[typeddict-item]
