@@ -43,7 +43,6 @@ from clip_core.loss import ClipLoss
 from clip_core.model import CLIP, count_parameters
 from clip_core.registry import create_model, get_model_config
 from clip_core.transformer import SelfAttention
-from clip_train.runtime import tune_allocator
 
 
 @dataclass(frozen=True)
@@ -305,7 +304,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table and optionally write JSON."""
     args = parse_args(argv)
-    tune_allocator()  # as every clipops entry point does
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     info = machine_info()

@@ -156,9 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``clipops`` console script."""
     args = build_parser().parse_args(argv)
-    from clip_train.runtime import tune_allocator
-
-    tune_allocator()
     handler: Handler = args.handler
     return handler(args)
 

@@ -28,7 +28,6 @@ from clip_core.tokenizer import ClipTokenizer
 from clip_core.transforms import EvalTransform, TrainTransform
 from clip_core.zeroshot import build_classifier, mean_per_class_recall, topk_accuracy
 from clip_train.optim import build_optimizer, cosine_lr, set_lr
-from clip_train.runtime import tune_allocator
 
 ZERO_SHOT_TEMPLATES = {
     "colour": ("a {} shape.", "a photo of something {}.", "{} objects."),
@@ -141,7 +140,6 @@ def run_demo(
     """Run the demo end to end; writes ``checkpoint/`` and ``report.json`` under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tune_allocator()
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     started = time.time()

@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from clip_train.runtime import tune_allocator
-
-tune_allocator()  # the same allocator setting the clipops entry points use
 OPEN_CLIP_VERSION = "3.3.0"  # `pip index versions open_clip_torch` listed 3.3.0 as the latest
 WHEEL_CACHE = Path.home() / ".cache" / "clipops-test" / "open_clip_wheel"
 
