@@ -388,21 +388,8 @@ def test_dispatch_errors(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+def s3_endpoint(moto_s3: tuple[str, Any]) -> Iterator[str]:
+    endpoint, client = moto_s3
     client.create_bucket(Bucket="clipops-sources")
     client.put_object(Bucket="clipops-sources", Key="set/img/x.png", Body=png((1, 2, 3)))
     body = b"filepath,caption\nimg/x.png,from s3\nimg/absent.png,gone\n"
@@ -410,7 +397,6 @@ def s3_endpoint() -> Iterator[str]:
     shard = make_tar([("s0.jpg", b"j"), ("s0.txt", b"tar on s3"), ("../up.txt", b"x")])
     client.put_object(Bucket="clipops-sources", Key="wds/00000.tar", Body=shard)
     yield endpoint
-    server.stop()
 
 
 def s3_options(endpoint: str) -> dict[str, Any]:

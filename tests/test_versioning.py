@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -90,27 +91,11 @@ def repo(_isolated_env: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint(_isolated_env: None) -> Iterator[str]:
-    """``http://127.0.0.1:PORT`` of a moto S3 server with the bucket ``BUCKET`` created."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
-        client.create_bucket(Bucket=BUCKET)
-        yield endpoint
-    finally:
-        server.stop()
+def s3_endpoint(_isolated_env: None, moto_s3: tuple[str, Any]) -> str:
+    """``http://127.0.0.1:PORT`` of the moto S3 server with the bucket ``BUCKET`` created."""
+    endpoint, client = moto_s3
+    client.create_bucket(Bucket=BUCKET)
+    return endpoint
 
 
 # --------------------------------------------------------------------------- demo dataset
