@@ -1,8 +1,9 @@
-"""The demo job: pretrain a tiny CLIP on the synthetic corpus on CPU, checkpoint it, reload
-it and measure zero-shot accuracy on held-out test images.
+"""The demo job, the main job as far as the platform exists today.
 
-This is the main job as far as the platform exists today; later stages (ingest to Parquet,
-Ray Train, MLflow registration, Prefect flows) replace its in-process pieces.
+ingest the synthetic corpus into validated Parquet shards (clip_data) -> validate them with
+Great Expectations -> pretrain a tiny CLIP on CPU from the shards -> checkpoint, reload ->
+zero-shot accuracy on the held-out test split. Later stages (Ray Train, overlap analysis,
+evaluation suite, MLflow registration, Prefect flows) replace its in-process pieces.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import torch
 from clip_core import create_model, get_model_config
 from clip_core.checkpoint import load_checkpoint, save_checkpoint
 from clip_core.model import CLIP
-from clip_core.synthetic import SyntheticConfig, class_prompts, generate, label_of
+from clip_core.synthetic import class_prompts
 from clip_core.tokenizer import ClipTokenizer
-from clip_core.transforms import EvalTransform, TrainTransform
+from clip_core.transforms import EvalTransform, TrainTransform, decode_image
 from clip_core.zeroshot import build_classifier, mean_per_class_recall, topk_accuracy
+from clip_data.ingest import IngestConfig, ingest
+from clip_data.shards import iter_rows, read_manifest
+from clip_data.validate import validate_dataset
 from clip_train.optim import build_optimizer, cosine_lr, set_lr
 
 ZERO_SHOT_TEMPLATES = {
@@ -114,24 +118,44 @@ def _train(
 
 @torch.no_grad()
 def _zero_shot(
-    model: CLIP, tokenizer: ClipTokenizer, samples: list[Any], image_size: int
+    model: CLIP, tokenizer: ClipTokenizer, rows: list[dict[str, Any]], image_size: int
 ) -> dict[str, dict[str, float]]:
     model.eval()
     transform = EvalTransform(image_size)
-    images = torch.stack([transform(s.image) for s in samples])  # [N, 3, R, R]
+    images = torch.stack([transform(decode_image(r["image"])) for r in rows])  # [N, 3, R, R]
     feats = torch.nn.functional.normalize(model.encode_image(images), dim=-1)  # [N, D]
     results = {}
     for attribute, templates in ZERO_SHOT_TEMPLATES.items():
         names = class_prompts(attribute)
         weights = build_classifier(model.encode_text, tokenizer, names, templates)  # [C, D]
         logits = feats @ weights.T  # [N, C]
-        labels = torch.tensor([label_of(s, attribute) for s in samples])
+        labels = torch.tensor([names.index(r["extra"][attribute]) for r in rows])  # [N]
         results[attribute] = {
             "top1": topk_accuracy(logits, labels, 1),
             "mean_per_class_recall": mean_per_class_recall(logits, labels),
             "chance": 1 / len(names),
         }
     return results
+
+
+def _prepare_data(dest: Path, cfg: DemoConfig, log: Callable[[str], None]) -> tuple[Path, str]:
+    """Ingest + validate the synthetic corpus; returns the shard dir and its DVC md5."""
+    source = (
+        f"synthetic:train={cfg.train_samples},test={cfg.test_samples},"
+        f"seed={cfg.seed},image_size={cfg.image_size}"
+    )
+    manifest = ingest(source, dest, IngestConfig(workers=1), progress=False)
+    counts = manifest["counts"]
+    log(
+        f"ingested {counts['read']} pairs: {counts['accepted']} accepted, "
+        f"{counts['duplicates']} duplicates, {counts['quarantined']} quarantined"
+    )
+    report = validate_dataset(dest)
+    if not report.success:
+        raise RuntimeError(f"validation of {dest} failed:\n{report.summary()}")
+    version = str(read_manifest(dest)["dataset_version"]["dvc_md5"])
+    log(f"validated {report.rows} rows with Great Expectations; dataset version {version}")
+    return dest, version
 
 
 def run_demo(
@@ -143,20 +167,24 @@ def run_demo(
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     started = time.time()
-    synth = SyntheticConfig(image_size=cfg.image_size, seed=cfg.seed)
-    train = list(generate(cfg.train_samples, "train", synth))
-    test = list(generate(cfg.test_samples, "test", synth))
-    log(f"generated {len(train)} train / {len(test)} test synthetic image-caption pairs")
-    captions = [s.caption for s in train]
+    shards, data_version = _prepare_data(out / "shards", cfg, log)
+    rows = list(iter_rows(shards))
+    train = [r for r in rows if r["split"] == "train"]
+    test = [r for r in rows if r["split"] == "test"]
+    captions = [r["caption"] for r in train]
     context = get_model_config(cfg.model).text.context_length
     tokenizer = ClipTokenizer.train(captions, cfg.vocab_size, context_length=context)
     log(f"trained BPE tokenizer: {tokenizer.vocab_size} tokens")
     model = create_model(
         cfg.model, text={"vocab_size": tokenizer.vocab_size}, vision={"image_size": cfg.image_size}
     )
-    losses = _train(model, [s.image for s in train], tokenizer(captions), cfg, log)
+    images = [decode_image(r["image"]) for r in train]
+    losses = _train(model, images, tokenizer(captions), cfg, log)
     ckpt = save_checkpoint(
-        model, out / "checkpoint", tokenizer, metadata={"demo_config": asdict(cfg)}
+        model,
+        out / "checkpoint",
+        tokenizer,
+        metadata={"demo_config": asdict(cfg), "dataset_version": data_version},
     )
     loaded = load_checkpoint(ckpt)
     assert loaded.tokenizer is not None
@@ -164,6 +192,8 @@ def run_demo(
     report = {
         "config": asdict(cfg),
         "code_version": code_version(),
+        "dataset_version": data_version,
+        "rows": {"train": len(train), "test": len(test)},
         "torch": torch.__version__,
         "python": platform.python_version(),
         "checkpoint": str(ckpt),

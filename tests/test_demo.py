@@ -21,6 +21,11 @@ def test_demo_writes_a_loadable_checkpoint_and_a_complete_report(tmp_path: Path)
     assert on_disk == report
     assert report["config"]["seed"] == 0 and report["config"]["model"] == "tiny-vit"
     assert isinstance(report["code_version"], str) and report["code_version"]
+    assert report["dataset_version"].endswith(".dir")
+    assert report["rows"] == {"train": 256, "test": 64}  # no duplicates in this corpus
+    manifest = json.loads((tmp_path / "a" / "shards" / "manifest.json").read_text())
+    assert manifest["dataset_version"]["dvc_md5"] == report["dataset_version"]
+    assert json.loads((tmp_path / "a" / "shards" / "validation.json").read_text())["success"]
     assert math.isfinite(report["loss_first"]) and math.isfinite(report["loss_last"])
     loaded = load_checkpoint(report["checkpoint"])
     assert loaded.weights_sha256 == report["weights_sha256"]
@@ -37,6 +42,7 @@ def test_demo_is_reproducible_from_its_seed(tmp_path: Path) -> None:
     second = run_demo(tmp_path / "b", SMALL, log=lambda _: None)
     assert first["weights_sha256"] == second["weights_sha256"]
     assert first["zero_shot"] == second["zero_shot"]
+    assert first["dataset_version"] == second["dataset_version"]
     third = run_demo(tmp_path / "c", DemoConfig(**{**SMALL.__dict__, "seed": 1}), log=print)
     assert third["weights_sha256"] != first["weights_sha256"]
 
