@@ -20,7 +20,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from clip_core.transforms import ImageDecodeError, ImageTooLargeError, decode_image
+from clip_core.transforms import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    ImageTooLargeError,
+    decode_image,
+)
 from clip_data.records import SPLITS, RawRecord
 
 __all__ = ["REASONS", "CheckConfig", "CheckedRecord", "Rejection", "check_record"]
@@ -73,7 +78,7 @@ class CheckConfig:
 
     min_side: int = 8
     max_side: int = 16384
-    max_pixels: int = 89_478_485
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_aspect: float = 20.0
     min_caption_chars: int = 1
     max_caption_chars: int = 4096
