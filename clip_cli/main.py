@@ -67,7 +67,11 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from clip_data.sources import SourceError
 
     try:
-        checks = {"min_side": args.min_side, "max_caption_chars": args.max_caption_chars}
+        checks = {
+            "min_side": args.min_side,
+            "max_caption_chars": args.max_caption_chars,
+            "reencode": args.reencode,
+        }
         cfg = IngestConfig(
             checks=CheckConfig(**{k: v for k, v in checks.items() if v is not None}),
             shards=ShardConfig(target_shard_bytes=args.shard_mb << 20),
@@ -136,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=int, default=64, help="target shard size in MiB")
     p.add_argument("--min-side", type=int, default=None, help="smallest image side, pixels")
     p.add_argument("--max-caption-chars", type=int, default=None)
+    p.add_argument(
+        "--reencode",
+        choices=["jpeg", "png", "webp"],
+        default=None,
+        help="re-encode accepted images to this format (default: keep the bytes as received)",
+    )
     p.add_argument(
         "--option",
         type=_parse_option,

@@ -16,9 +16,12 @@ aspect ratio). Cheap checks run first so a bad caption never pays for an image d
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from PIL import Image
 
 from clip_core.transforms import (
     DEFAULT_MAX_PIXELS,
@@ -27,6 +30,9 @@ from clip_core.transforms import (
     decode_image,
 )
 from clip_data.records import SPLITS, RawRecord
+
+#: Formats an ingest can re-encode images to (``CheckConfig.reencode``), to Pillow's names.
+REENCODE_FORMATS: dict[str, str] = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 __all__ = ["REASONS", "CheckConfig", "CheckedRecord", "Rejection", "check_record"]
 
@@ -74,6 +80,10 @@ class CheckConfig:
             stripping surrounding whitespace. Shorter captions are rejected as
             ``caption_empty``.
         max_caption_chars: Most characters a caption may have after stripping.
+        reencode: ``None`` (default) keeps the image bytes exactly as received; a format
+            from :data:`REENCODE_FORMATS` re-encodes every accepted image (as RGB) to it, and
+            ``sha256`` is then of the new bytes.
+        reencode_quality: JPEG/WebP quality when re-encoding.
     """
 
     min_side: int = 8
@@ -82,6 +92,8 @@ class CheckConfig:
     max_aspect: float = 20.0
     min_caption_chars: int = 1
     max_caption_chars: int = 4096
+    reencode: str | None = None
+    reencode_quality: int = 95
 
     def __post_init__(self) -> None:
         """Reject inconsistent or non-sensical thresholds with a clear ``ValueError``."""
@@ -90,6 +102,12 @@ class CheckConfig:
         _positive_int("max_pixels", self.max_pixels)
         _positive_int("min_caption_chars", self.min_caption_chars)
         _positive_int("max_caption_chars", self.max_caption_chars)
+        if self.reencode is not None and self.reencode not in REENCODE_FORMATS:
+            raise ValueError(
+                f"reencode must be None or one of {list(REENCODE_FORMATS)}, got {self.reencode!r}"
+            )
+        if not 1 <= self.reencode_quality <= 100:
+            raise ValueError(f"reencode_quality must be in 1..100, got {self.reencode_quality}")
         if self.min_side > self.max_side:
             raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
         if self.min_side * self.min_side > self.max_pixels:
@@ -185,8 +203,8 @@ def _check_caption(record: RawRecord, raw: bytes, config: CheckConfig) -> str | 
 
 def _check_image(  # noqa: PLR0911 - one early return per reason code
     record: RawRecord, data: bytes, config: CheckConfig
-) -> tuple[int, int] | Rejection:
-    """Decode ``data`` to verify it; return ``(width, height)`` or a :class:`Rejection`."""
+) -> tuple[int, int, bytes] | Rejection:
+    """Decode ``data`` to verify it; ``(width, height, bytes to store)`` or a Rejection."""
     if len(data) == 0:
         return _reject(record, "empty_image", "image is 0 bytes")
     try:
@@ -198,6 +216,8 @@ def _check_image(  # noqa: PLR0911 - one early return per reason code
     except Exception as exc:  # safety net: any other failure to decode is about the data too
         return _reject(record, "decode_error", f"{type(exc).__name__}: {exc}")
     width, height = decoded.size
+    if config.reencode is not None:
+        data = _encode(decoded, config.reencode, config.reencode_quality)
     decoded.close()
     if width < config.min_side or height < config.min_side:
         return _reject(
@@ -215,7 +235,14 @@ def _check_image(  # noqa: PLR0911 - one early return per reason code
             f"image is {width}x{height}, aspect ratio {aspect:.3g} over "
             f"max_aspect={config.max_aspect}",
         )
-    return width, height
+    return width, height, data
+
+
+def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
+    """``image`` (RGB, as decoded) encoded as ``fmt`` with no metadata."""
+    buf = io.BytesIO()
+    image.save(buf, format=REENCODE_FORMATS[fmt], quality=quality)
+    return buf.getvalue()
 
 
 def check_record(  # noqa: PLR0911 - one early return per reason code
@@ -251,11 +278,10 @@ def check_record(  # noqa: PLR0911 - one early return per reason code
     caption = _check_caption(record, bytes(record.caption), config)
     if isinstance(caption, Rejection):
         return caption
-    image = bytes(record.image)
-    size = _check_image(record, image, config)
-    if isinstance(size, Rejection):
-        return size
-    width, height = size
+    checked = _check_image(record, bytes(record.image), config)
+    if isinstance(checked, Rejection):
+        return checked
+    width, height, image = checked
     return CheckedRecord(
         key=str(record.key),
         image=image,

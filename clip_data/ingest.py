@@ -167,19 +167,20 @@ def _check_chunk(records: list[RawRecord], checks: CheckConfig) -> list[CheckedR
     """Worker side: check a chunk; accepted rows come back without their image bytes.
 
     The parent still holds the original records and puts the bytes back, so images cross
-    the process boundary once instead of twice.
+    the process boundary once instead of twice. Re-encoded images (``checks.reencode``) are
+    new bytes and travel back.
     """
     results: list[CheckedRecord | Rejection] = []
     for record in records:
         result = check_record(record, checks)
-        if isinstance(result, CheckedRecord):
+        if isinstance(result, CheckedRecord) and checks.reencode is None:
             result = dataclasses.replace(result, image=b"")
         results.append(result)
     return results
 
 
 def _restore(record: RawRecord, result: CheckedRecord | Rejection) -> CheckedRecord | Rejection:
-    if isinstance(result, CheckedRecord):
+    if isinstance(result, CheckedRecord) and not result.image:
         assert record.image is not None  # accepted, so there was an image
         return dataclasses.replace(result, image=bytes(record.image))
     return result

@@ -3,6 +3,7 @@ counts, bounded read-ahead, the failure threshold, progress output and the CLI."
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import multiprocessing
@@ -390,3 +391,24 @@ def test_manifest_carries_the_dvc_dataset_version(tmp_path: Path) -> None:
     assert dvc_md5(copy) == version
     other = ingest_records(mixed_records(n_good=5), tmp_path / "b", config, progress=False)
     assert other["dataset_version"]["dvc_md5"] != version  # type: ignore[typeddict-item]
+
+
+def test_images_are_kept_as_received_unless_reencoding_is_asked(tmp_path: Path) -> None:
+    records = [_rec(f"k{i}", _good(i), b"a caption") for i in range(4)]
+    kept = ingest_records(records, tmp_path / "kept", IngestConfig(workers=1), progress=False)
+    assert kept["counts"]["accepted"] == 4
+    rows = list(iter_rows(tmp_path / "kept"))
+    assert [r["image"] for r in rows] == [r.image for r in records]
+    for workers in (1, 2):
+        config = IngestConfig(workers=workers, checks=CheckConfig(reencode="jpeg"))
+        dest = tmp_path / f"jpeg-{workers}"
+        ingest_records(records, dest, config, progress=False)
+        rows = list(iter_rows(dest))
+        assert len(rows) == 4
+        for row, record in zip(rows, records, strict=True):
+            assert row["image"].startswith(b"\xff\xd8\xff") and row["image"] != record.image
+            assert row["sha256"] == hashlib.sha256(row["image"]).hexdigest()
+            with Image.open(io.BytesIO(row["image"])) as img:
+                assert (img.format, img.size) == ("JPEG", (row["width"], row["height"]))
+    with pytest.raises(ValueError, match="reencode"):
+        CheckConfig(reencode="gif")
