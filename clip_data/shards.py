@@ -6,6 +6,9 @@ An ingest output directory holds::
     quarantine.parquet                            rejected rows (QUARANTINE_SCHEMA), always present
     manifest.json                                 counts, per-file sizes and SHA-256, duplicates
 
+The format itself (schemas, :class:`ShardConfig`, the manifest layout, reading back) lives in
+:mod:`clip_data.shard_format` and is re-exported here.
+
 Every row handed to the writer is accounted for: ``read == accepted + duplicates +
 quarantined``. Exact duplicate images (same SHA-256 of the original bytes) keep their first
 occurrence; later ones are listed in the manifest.
@@ -38,17 +41,30 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypedDict
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import Any
 
 from clip_data.checks import CheckedRecord, Rejection
 from clip_data.records import SPLITS
+from clip_data.shard_format import (
+    INT32_MAX,
+    MANIFEST_NAME,
+    MAX_ROW_GROUP_BYTES,
+    QUARANTINE_NAME,
+    QUARANTINE_SCHEMA,
+    ROW_SCHEMA,
+    SCHEMA_VERSION,
+    Manifest,
+    ParquetStream,
+    ShardConfig,
+    canonical_json,
+    file_sha256,
+    iter_rows,
+    read_manifest,
+    shard_name,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -64,113 +80,7 @@ __all__ = [
     "shard_name",
 ]
 
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-QUARANTINE_NAME = "quarantine.parquet"
-
-_META = {b"clipops.schema_version": str(SCHEMA_VERSION).encode()}
-
-#: Schema of accepted rows; ``extra`` is JSON text with sorted keys.
-ROW_SCHEMA: pa.Schema = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
-        pa.field("caption", pa.string(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("sha256", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("extra", pa.string(), nullable=False),
-    ],
-    metadata=_META,
-)
-
-#: Schema of quarantined rows.
-QUARANTINE_SCHEMA: pa.Schema = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("detail", pa.string(), nullable=False),
-    ],
-    metadata=_META,
-)
-
-_COMPRESSIONS = frozenset({"zstd", "snappy", "gzip", "brotli", "lz4", "none"})
-# Small, low-cardinality columns get dictionary encoding and statistics; the image bytes never
-# do (statistics of a binary column would copy image prefixes into the footer).
-_DICT_COLUMNS = ["source", "split"]
-_STATS_COLUMNS = ["key", "width", "height", "sha256", "source", "split"]
-# A row group never buffers more than this many raw bytes (binary arrays have 2 GiB offsets).
-_MAX_ROW_GROUP_BYTES = 512 << 20
-_INT32_MAX = 2**31 - 1
-_HASH_CHUNK = 1 << 20
-
-
-def shard_name(index: int) -> str:
-    """File name of shard number ``index`` (``part-00000.parquet``, ...)."""
-    return f"part-{index:05d}.parquet"
-
-
-@dataclass(frozen=True)
-class ShardConfig:
-    """How accepted rows are laid out in shard files.
-
-    Attributes:
-        target_shard_bytes: A shard is closed before the row that would take it past this
-            size (file bytes written so far plus buffered raw bytes). A single row larger than
-            the target gets a shard of its own.
-        row_group_rows: Most rows per Parquet row group (and rows buffered in memory).
-        compression: Parquet codec: zstd, snappy, gzip, brotli, lz4 or none.
-    """
-
-    target_shard_bytes: int = 64 << 20
-    row_group_rows: int = 1024
-    compression: str = "zstd"
-
-    def __post_init__(self) -> None:
-        """Validate the fields."""
-        for name in ("target_shard_bytes", "row_group_rows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.compression not in _COMPRESSIONS:
-            raise ValueError(
-                f"compression must be one of {sorted(_COMPRESSIONS)}, got {self.compression!r}"
-            )
-
-
-class Manifest(TypedDict):
-    """The contents of ``manifest.json``."""
-
-    schema_version: int
-    counts: dict[str, Any]
-    shards: list[dict[str, Any]]
-    quarantine: dict[str, Any]
-    duplicates: list[dict[str, str]]
-    shard_config: dict[str, Any]
-    ingest_config: dict[str, Any]
-
-
-def _file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _canonical_json(value: Any, what: str) -> str:
-    """Compact JSON with sorted keys; raise ``ValueError`` naming ``what`` if unserialisable."""
-    try:
-        return json.dumps(
-            value, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        )
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} is not JSON-serialisable: {exc}") from exc
+_DEFAULT_CONFIG = ShardConfig()  # frozen, so a shared default is safe
 
 
 def _row_values(row: CheckedRecord) -> tuple[Any, ...]:
@@ -190,7 +100,7 @@ def _row_values(row: CheckedRecord) -> tuple[Any, ...]:
         value = getattr(row, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"row {row.key!r}: {name} must be int")
-        if not 0 < value <= _INT32_MAX:
+        if not 0 < value <= INT32_MAX:
             raise ValueError(f"row {row.key!r}: {name}={value} out of range")
     if row.split not in SPLITS:
         raise ValueError(f"row {row.key!r}: split {row.split!r} not in {SPLITS}")
@@ -198,7 +108,7 @@ def _row_values(row: CheckedRecord) -> tuple[Any, ...]:
         raise ValueError(f"row {row.key!r}: sha256 does not match the image bytes")
     if not isinstance(row.extra, dict):
         raise TypeError(f"row {row.key!r}: extra must be a dict")
-    extra = _canonical_json(row.extra, f"row {row.key!r}: extra")
+    extra = canonical_json(row.extra, f"row {row.key!r}: extra")
     return (
         row.key,
         row.image,
@@ -221,53 +131,6 @@ def _raw_size(values: tuple[Any, ...]) -> int:
         elif isinstance(value, str):
             total += len(value.encode("utf-8"))
     return total
-
-
-class _ParquetStream:
-    """One Parquet file written row group by row group, with its byte position tracked."""
-
-    def __init__(self, path: Path, schema: pa.Schema, compression: str) -> None:
-        self.path = path
-        self.rows = 0
-        self._sink = pa.OSFile(str(path), "wb")
-        self._schema = schema
-        try:
-            self._writer = pq.ParquetWriter(
-                self._sink,
-                schema,
-                compression=compression,
-                use_dictionary=[c for c in _DICT_COLUMNS if c in schema.names],
-                write_statistics=[c for c in _STATS_COLUMNS if c in schema.names],
-                write_page_checksum=True,
-                store_schema=True,
-            )
-        except BaseException:
-            self._sink.close()
-            raise
-
-    @property
-    def bytes_written(self) -> int:
-        """Bytes in the file so far (every completed row group; the footer comes at close)."""
-        return int(self._sink.tell())
-
-    def write(self, columns: list[list[Any]]) -> None:
-        """Write ``columns`` (one list per schema field) as a single row group."""
-        n = len(columns[0])
-        if n == 0:
-            return
-        arrays = [
-            pa.array(col, type=field.type) for col, field in zip(columns, self._schema, strict=True)
-        ]
-        table = pa.Table.from_arrays(arrays, schema=self._schema)
-        self._writer.write_table(table, row_group_size=n)
-        self.rows += n
-
-    def close(self) -> None:
-        """Write the footer and close the file."""
-        try:
-            self._writer.close()
-        finally:
-            self._sink.close()
 
 
 class ShardWriter:
@@ -293,7 +156,7 @@ class ShardWriter:
     def __init__(
         self,
         dest: str | os.PathLike[str],
-        config: ShardConfig = ShardConfig(),  # frozen, so a shared default is safe
+        config: ShardConfig = _DEFAULT_CONFIG,
         ingest_config: dict[str, Any] | None = None,
     ) -> None:
         dest_str = os.fspath(dest)
@@ -309,7 +172,7 @@ class ShardWriter:
             raise TypeError("ingest_config must be a dict or None")
         # Normalise through JSON so the manifest holds exactly what read_manifest returns.
         self.ingest_config: dict[str, Any] = json.loads(
-            _canonical_json(ingest_config, "ingest_config")
+            canonical_json(ingest_config, "ingest_config")
         )
         if self.dest.exists() and not self._replaceable(self.dest):
             raise FileExistsError(
@@ -328,12 +191,12 @@ class ShardWriter:
         self._per_split: Counter[str] = Counter()
         self._per_reason: Counter[str] = Counter()
         self._shards: list[dict[str, Any]] = []
-        self._shard: _ParquetStream | None = None
+        self._shard: ParquetStream | None = None
         self._buffer: list[list[Any]] = [[] for _ in ROW_SCHEMA]
         self._buffer_bytes = 0
         self._qbuffer: list[list[Any]] = [[] for _ in QUARANTINE_SCHEMA]
         try:
-            self._quarantine = _ParquetStream(
+            self._quarantine = ParquetStream(
                 self._tmp / QUARANTINE_NAME, QUARANTINE_SCHEMA, config.compression
             )
         except BaseException:
@@ -402,7 +265,7 @@ class ShardWriter:
             written = self._shard.bytes_written if self._shard is not None else 0
             if written + self._buffer_bytes + size > target:
                 self._finish_shard()
-            elif self._buffer_bytes + size > _MAX_ROW_GROUP_BYTES:
+            elif self._buffer_bytes + size > MAX_ROW_GROUP_BYTES:
                 self._flush_rows()
         for column, value in zip(self._buffer, values, strict=True):
             column.append(value)
@@ -442,7 +305,7 @@ class ShardWriter:
             return
         if self._shard is None:
             name = shard_name(len(self._shards))
-            self._shard = _ParquetStream(self._tmp / name, ROW_SCHEMA, self.config.compression)
+            self._shard = ParquetStream(self._tmp / name, ROW_SCHEMA, self.config.compression)
         self._shard.write(self._buffer)
         self._buffer = [[] for _ in ROW_SCHEMA]
         self._buffer_bytes = 0
@@ -460,7 +323,7 @@ class ShardWriter:
                 "file": shard.path.name,
                 "rows": shard.rows,
                 "bytes": shard.path.stat().st_size,
-                "sha256": _file_sha256(shard.path),
+                "sha256": file_sha256(shard.path),
             }
         )
 
@@ -514,7 +377,7 @@ class ShardWriter:
             "quarantine": {
                 "file": QUARANTINE_NAME,
                 "rows": quarantined,
-                "sha256": _file_sha256(qpath),
+                "sha256": file_sha256(qpath),
             },
             "duplicates": self._duplicates,
             "shard_config": asdict(self.config),
@@ -564,37 +427,3 @@ class ShardWriter:
                     stream.close()
         self._shard = None
         shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-# -------------------------------------------------------------------- reading
-
-
-def read_manifest(dest: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load ``manifest.json`` of an ingest output, checking its schema version."""
-    path = Path(dest) / MANIFEST_NAME
-    with path.open(encoding="utf-8") as fh:
-        manifest: dict[str, Any] = json.load(fh)
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(
-            f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
-        )
-    return manifest
-
-
-def iter_rows(dest: str | os.PathLike[str], batch_size: int = 256) -> Iterator[dict[str, Any]]:
-    """Stream accepted rows back from the shards listed in the manifest, in write order.
-
-    Each row is a dict with the ROW_SCHEMA columns; ``extra`` is decoded back to a dict.
-    Only ``batch_size`` rows are materialised at a time.
-    """
-    manifest = read_manifest(dest)
-    for shard in manifest["shards"]:
-        pf = pq.ParquetFile(Path(dest) / shard["file"])
-        try:
-            for batch in pf.iter_batches(batch_size=batch_size):
-                for row in batch.to_pylist():
-                    row["extra"] = json.loads(row["extra"])
-                    yield row
-        finally:
-            pf.close()

@@ -43,6 +43,7 @@ from typing import Any, TypeAlias
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_data.checks import CheckConfig
 from clip_data.metadata import (
     FRAME_COLUMNS,
     DatasetError,
@@ -51,6 +52,7 @@ from clip_data.metadata import (
     open_dataset,
     read_frame,
 )
+from clip_data.records import SPLITS
 from clip_data.shards import ROW_SCHEMA
 
 # pandas ships no type stubs in this environment: frames are typed as Any (pandas.DataFrame at
@@ -74,6 +76,9 @@ _EXAMPLES = 5
 _HASH_CHUNK = 1 << 20
 
 
+_CHECK_DEFAULTS = CheckConfig()  # the ingest thresholds this validation re-checks
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -81,6 +86,10 @@ def _is_int(value: object) -> bool:
 @dataclass(frozen=True)
 class ValidationConfig:
     """Thresholds of :func:`validate_dataset`.
+
+    The caption, size and aspect defaults are those of the ingest checks
+    (:class:`~clip_data.checks.CheckConfig`) and the allowed splits are
+    :data:`~clip_data.records.SPLITS`, so a fresh ingest output validates with the defaults.
 
     Attributes:
         min_caption_chars / max_caption_chars: Caption length bounds, in characters.
@@ -93,12 +102,12 @@ class ValidationConfig:
             ("mostly" in GX terms); 1.0 means every row.
     """
 
-    min_caption_chars: int = 1
-    max_caption_chars: int = 4096
-    min_side: int = 8
-    max_side: int = 16384
-    max_aspect: float = 20.0
-    allowed_splits: tuple[str, ...] = ("train", "val", "test")
+    min_caption_chars: int = _CHECK_DEFAULTS.min_caption_chars
+    max_caption_chars: int = _CHECK_DEFAULTS.max_caption_chars
+    min_side: int = _CHECK_DEFAULTS.min_side
+    max_side: int = _CHECK_DEFAULTS.max_side
+    max_aspect: float = _CHECK_DEFAULTS.max_aspect
+    allowed_splits: tuple[str, ...] = SPLITS
     sample_size: int = 256
     min_success_fraction: float = 1.0
 

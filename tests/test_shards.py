@@ -386,3 +386,13 @@ def test_published_directory_is_not_private(tmp_path: Path) -> None:
     dest = tmp_path / "out"
     _write(dest, [_row(0)])
     assert dest.stat().st_mode & 0o777 == 0o755
+
+
+def test_format_names_are_re_exported() -> None:
+    """The writer module still offers every name callers import from it."""
+    import clip_data.shard_format as fmt
+    from clip_data import shards
+
+    for name in fmt.__all__:
+        if not name.startswith(("Parquet", "canonical", "file_")):
+            assert getattr(shards, name) is getattr(fmt, name), name

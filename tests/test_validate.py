@@ -338,3 +338,13 @@ def test_missing_column_manifest_mismatch_and_missing_shard(tmp_path: Path) -> N
     with pytest.raises(DatasetError, match=shard_name(1)):
         validate_dataset(dest)
     assert main(["validate", str(dest)]) == 2
+
+
+def test_defaults_follow_the_ingest_checks() -> None:
+    """One source of truth: the validation defaults are the ingest check defaults."""
+    from clip_data.records import SPLITS
+
+    checks, validation = CheckConfig(), ValidationConfig()
+    for name in ("min_caption_chars", "max_caption_chars", "min_side", "max_side", "max_aspect"):
+        assert getattr(validation, name) == getattr(checks, name), name
+    assert validation.allowed_splits == SPLITS
