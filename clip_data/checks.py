@@ -252,7 +252,9 @@ def check_record(  # noqa: PLR0911 - one early return per reason code
 
     Never raises for bad data (corrupt, truncated, huge or mistyped images; undecodable,
     empty or oversized captions; unknown splits; source-reported problems): each becomes a
-    :class:`Rejection` whose ``reason`` is one of :data:`REASONS`.
+    :class:`Rejection` whose ``reason`` is one of :data:`REASONS`. A record with an
+    ``image_loader`` has its image read first; a failure to read it (other than a missing
+    file) is not bad data and raises the loader's error (a short ``SourceError``).
     """
     if record.problem is not None:
         return _reject(record, "unsafe_member", str(record.problem))
@@ -260,6 +262,7 @@ def check_record(  # noqa: PLR0911 - one early return per reason code
         return _reject(
             record, "bad_split", f"split {record.split!r} is not one of {', '.join(SPLITS)}"
         )
+    record = record.loaded()  # a lazy source's image is read here (an I/O error raises)
     if record.image is None:
         return _reject(record, "missing_image", "source has no image for this key")
     if record.caption is None:

@@ -167,13 +167,17 @@ def _check_chunk(records: list[RawRecord], checks: CheckConfig) -> list[CheckedR
     """Worker side: check a chunk; accepted rows come back without their image bytes.
 
     The parent still holds the original records and puts the bytes back, so images cross
-    the process boundary once instead of twice. Re-encoded images (``checks.reencode``) are
-    new bytes and travel back.
+    the process boundary once instead of twice. Images the worker read itself (records with
+    an ``image_loader``) and re-encoded images (``checks.reencode``) travel back.
     """
     results: list[CheckedRecord | Rejection] = []
     for record in records:
         result = check_record(record, checks)
-        if isinstance(result, CheckedRecord) and checks.reencode is None:
+        if (
+            isinstance(result, CheckedRecord)
+            and checks.reencode is None
+            and record.image is not None
+        ):
             result = dataclasses.replace(result, image=b"")
         results.append(result)
     return results
@@ -321,7 +325,9 @@ def ingest_records(
     written = quarantined = 0
     results = _check_stream(counted(), config)
     try:
-        with ShardWriter(dest, config.shards, _manifest_config(config, source_desc)) as writer:
+        # check_record hashed the very bytes it returned: no need to hash them again here.
+        settings = _manifest_config(config, source_desc)
+        with ShardWriter(dest, config.shards, settings, verify_sha256=False) as writer:
             for result in results:
                 if isinstance(result, Rejection):
                     writer.reject(result)
@@ -383,6 +389,7 @@ def ingest(
     """
     from clip_data.sources import open_source
 
-    records = open_source(source, kind, **source_options)
+    # Image files are read where they are checked (in the workers), not in this process.
+    records = open_source(source, kind, lazy_images=True, **source_options)
     desc = {"uri": source, "kind": kind, "options": _describe_options(source_options)}
     return ingest_records(records, dest, config, source_desc=desc, progress=progress)

@@ -16,13 +16,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from clip_data.extras import (
+    EXTRA_JSON,
+    TYPE_KEY,
+    extra_field,
+    extra_types_of,
+    merge_extra,
+    to_json,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -37,16 +46,19 @@ __all__ = [
     "file_sha256",
     "iter_rows",
     "read_manifest",
+    "row_schema",
     "shard_name",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: extra metadata as typed columns (was one JSON column)
 MANIFEST_NAME = "manifest.json"
 QUARANTINE_NAME = "quarantine.parquet"
 
 _META = {b"clipops.schema_version": str(SCHEMA_VERSION).encode()}
 
-#: Schema of accepted rows; ``extra`` is JSON text with sorted keys.
+#: Schema of accepted rows of a source without extra metadata. With extras, the typed
+#: ``extra.<key>`` columns come before ``extra_json`` (see :func:`row_schema` and
+#: :mod:`clip_data.extras`).
 ROW_SCHEMA: pa.Schema = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -57,10 +69,18 @@ ROW_SCHEMA: pa.Schema = pa.schema(
         pa.field("sha256", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
-        pa.field("extra", pa.string(), nullable=False),
+        pa.field(EXTRA_JSON, pa.string(), nullable=True),
     ],
     metadata=_META,
 )
+
+
+def row_schema(extra_types: Mapping[str, str]) -> pa.Schema:
+    """The shard schema for an extra schema (key -> type, see :mod:`clip_data.extras`)."""
+    base = list(ROW_SCHEMA)[:-1]
+    typed = [extra_field(key, kind) for key, kind in extra_types.items()]
+    return pa.schema([*base, *typed, ROW_SCHEMA.field(EXTRA_JSON)], metadata=_META)
+
 
 #: Schema of quarantined rows.
 QUARANTINE_SCHEMA: pa.Schema = pa.schema(
@@ -78,6 +98,7 @@ _COMPRESSIONS = frozenset({"zstd", "snappy", "gzip", "brotli", "lz4", "none"})
 # Small, low-cardinality columns get dictionary encoding and statistics; the image bytes never
 # do (statistics of a binary column would copy image prefixes into the footer).
 _DICT_COLUMNS = ["source", "split"]
+_IMAGE_COLUMN = "image"
 _STATS_COLUMNS = ["key", "width", "height", "sha256", "source", "split"]
 # A row group never buffers more than this many raw bytes (binary arrays have 2 GiB offsets).
 MAX_ROW_GROUP_BYTES = 512 << 20
@@ -99,7 +120,9 @@ class ShardConfig:
             size (file bytes written so far plus buffered raw bytes). A single row larger than
             the target gets a shard of its own.
         row_group_rows: Most rows per Parquet row group (and rows buffered in memory).
-        compression: Parquet codec: zstd, snappy, gzip, brotli, lz4 or none.
+        compression: Parquet codec of every column but ``image`` (zstd, snappy, gzip, brotli,
+            lz4 or none); the image column is stored uncompressed (images are compressed
+            already, a codec only costs time).
     """
 
     target_shard_bytes: int = 64 << 20
@@ -126,6 +149,7 @@ class Manifest(TypedDict):
     shards: list[dict[str, Any]]
     quarantine: dict[str, Any]
     duplicates: list[dict[str, str]]
+    extra_columns: dict[str, str]
     shard_config: dict[str, Any]
     ingest_config: dict[str, Any]
 
@@ -141,12 +165,7 @@ def file_sha256(path: Path) -> str:
 
 def canonical_json(value: Any, what: str) -> str:
     """Compact JSON with sorted keys; raise ``ValueError`` naming ``what`` if unserialisable."""
-    try:
-        return json.dumps(
-            value, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        )
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} is not JSON-serialisable: {exc}") from exc
+    return to_json(value, what)
 
 
 class ParquetStream:
@@ -161,8 +180,15 @@ class ParquetStream:
             self._writer = pq.ParquetWriter(
                 self._sink,
                 schema,
-                compression=compression,
-                use_dictionary=[c for c in _DICT_COLUMNS if c in schema.names],
+                # Images are already compressed: storing them plain saves the codec's time.
+                compression={
+                    name: "none" if name == _IMAGE_COLUMN else compression for name in schema.names
+                },
+                use_dictionary=[
+                    f.name
+                    for f in schema
+                    if f.name in _DICT_COLUMNS or (f.metadata or {}).get(TYPE_KEY) == b"string"
+                ],
                 write_statistics=[c for c in _STATS_COLUMNS if c in schema.names],
                 write_page_checksum=True,
                 store_schema=True,
@@ -215,16 +241,23 @@ def read_manifest(dest: str | os.PathLike[str]) -> dict[str, Any]:
 def iter_rows(dest: str | os.PathLike[str], batch_size: int = 256) -> Iterator[dict[str, Any]]:
     """Stream accepted rows back from the shards listed in the manifest, in write order.
 
-    Each row is a dict with the ROW_SCHEMA columns; ``extra`` is decoded back to a dict.
+    Each row is a dict of the base columns (key, image, caption, width, height, sha256,
+    source, split) and ``extra``: the row's extra metadata as a dict, rebuilt from the typed
+    ``extra.<key>`` columns and ``extra_json`` exactly as it was written.
     Only ``batch_size`` rows are materialised at a time.
     """
     manifest = read_manifest(dest)
+    base = ROW_SCHEMA.names[:-1]
     for shard in manifest["shards"]:
         pf = pq.ParquetFile(Path(dest) / shard["file"])
         try:
+            typed = extra_types_of(pf.schema_arrow)
             for batch in pf.iter_batches(batch_size=batch_size):
-                for row in batch.to_pylist():
-                    row["extra"] = json.loads(row["extra"])
+                columns = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+                for i in range(batch.num_rows):
+                    row = {name: columns[name][i] for name in base}
+                    cells = [(key, kind, columns[name][i]) for name, key, kind in typed]
+                    row["extra"] = merge_extra(cells, columns[EXTRA_JSON][i])
                     yield row
         finally:
             pf.close()

@@ -2,12 +2,15 @@
 
 An ingest output directory holds::
 
-    part-00000.parquet, part-00001.parquet, ...   accepted rows (ROW_SCHEMA)
+    part-00000.parquet, part-00001.parquet, ...   accepted rows (row_schema(extra_columns))
     quarantine.parquet                            rejected rows (QUARANTINE_SCHEMA), always present
     manifest.json                                 counts, per-file sizes and SHA-256, duplicates
 
 The format itself (schemas, :class:`ShardConfig`, the manifest layout, reading back) lives in
 :mod:`clip_data.shard_format` and is re-exported here.
+
+Extra metadata becomes typed ``extra.<key>`` columns plus a leftover ``extra_json`` column;
+the extra schema is inferred from the first row group (see :mod:`clip_data.extras`).
 
 Every row handed to the writer is accounted for: ``read == accepted + duplicates +
 quarantined``. Exact duplicate images (same SHA-256 of the original bytes) keep their first
@@ -41,12 +44,14 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from clip_data.checks import CheckedRecord, Rejection
+from clip_data.extras import EXTRA_JSON, infer_extra_types, split_extra
 from clip_data.records import SPLITS
 from clip_data.shard_format import (
     INT32_MAX,
@@ -63,6 +68,7 @@ from clip_data.shard_format import (
     file_sha256,
     iter_rows,
     read_manifest,
+    row_schema,
     shard_name,
 )
 
@@ -77,13 +83,16 @@ __all__ = [
     "ShardWriter",
     "iter_rows",
     "read_manifest",
+    "row_schema",
     "shard_name",
 ]
 
 _DEFAULT_CONFIG = ShardConfig()  # frozen, so a shared default is safe
+#: The columns every shard starts with; the extra metadata columns follow.
+_BASE_COLUMNS = ROW_SCHEMA.names[: ROW_SCHEMA.get_field_index(EXTRA_JSON)]
 
 
-def _row_values(row: CheckedRecord) -> tuple[Any, ...]:
+def _row_values(row: CheckedRecord, verify_sha256: bool = True) -> tuple[Any, ...]:
     """Validate a :class:`CheckedRecord` and return its column values in ROW_SCHEMA order.
 
     Raises ``TypeError``/``ValueError`` for a malformed row (a programming error upstream,
@@ -104,11 +113,10 @@ def _row_values(row: CheckedRecord) -> tuple[Any, ...]:
             raise ValueError(f"row {row.key!r}: {name}={value} out of range")
     if row.split not in SPLITS:
         raise ValueError(f"row {row.key!r}: split {row.split!r} not in {SPLITS}")
-    if hashlib.sha256(row.image).hexdigest() != row.sha256:
+    if verify_sha256 and hashlib.sha256(row.image).hexdigest() != row.sha256:
         raise ValueError(f"row {row.key!r}: sha256 does not match the image bytes")
     if not isinstance(row.extra, dict):
         raise TypeError(f"row {row.key!r}: extra must be a dict")
-    extra = canonical_json(row.extra, f"row {row.key!r}: extra")
     return (
         row.key,
         row.image,
@@ -118,19 +126,63 @@ def _row_values(row: CheckedRecord) -> tuple[Any, ...]:
         row.sha256,
         row.source,
         row.split,
-        extra,
     )
 
 
-def _raw_size(values: tuple[Any, ...]) -> int:
-    """Rough uncompressed size of one row, in bytes (used for shard rollover)."""
-    total = 8  # width + height
+def _raw_size(values: Iterable[Any]) -> int:
+    """Rough uncompressed size of some values, in bytes (used for shard rollover)."""
+    total = 0
     for value in values:
         if isinstance(value, bytes):
             total += len(value)
         elif isinstance(value, str):
-            total += len(value.encode("utf-8"))
+            total += len(value) if value.isascii() else len(value.encode("utf-8", "replace"))
+        else:
+            total += 8
     return total
+
+
+class _Extras:
+    """The extra metadata of buffered rows, and the extra schema once it is fixed.
+
+    Until the first row group is written, rows keep their extra dicts (checked to be JSON);
+    the first flush infers the schema from them (:func:`clip_data.extras.infer_extra_types`).
+    From then on each row is split into typed values and leftover JSON as it is added.
+    """
+
+    def __init__(self) -> None:
+        self.types: dict[str, str] | None = None
+        self.cells: list[Any] = []
+
+    def prepare(self, extra: dict[str, Any], what: str) -> tuple[Any, int]:
+        """One row's extras as a buffer cell and its rough size; ``ValueError`` if not JSON.
+
+        Nothing is buffered yet (see :meth:`append`), so a bad row leaves no trace.
+        """
+        if self.types is None:
+            return extra, len(canonical_json(extra, what))  # checked now, not at the flush
+        values, leftover = split_extra(extra, self.types, what)
+        return (values, leftover), _raw_size(values) + len(leftover or "")
+
+    def append(self, cell: Any) -> None:
+        """Buffer a cell from :meth:`prepare` (split now if the schema was fixed since)."""
+        if self.types is not None and isinstance(cell, dict):
+            cell = split_extra(cell, self.types, "extra")
+        self.cells.append(cell)
+
+    def columns(self) -> list[list[Any]]:
+        """Take the buffered rows as column lists: one per typed key, then ``extra_json``."""
+        if self.types is None:
+            self.types = infer_extra_types(self.cells)
+            self.cells = [split_extra(e, self.types, "extra") for e in self.cells]
+        typed: list[list[Any]] = [[] for _ in self.types]
+        leftovers: list[Any] = []
+        for values, leftover in self.cells:
+            for column, value in zip(typed, values, strict=True):
+                column.append(value)
+            leftovers.append(leftover)
+        self.cells = []
+        return [*typed, leftovers]
 
 
 class ShardWriter:
@@ -149,6 +201,10 @@ class ShardWriter:
                     writer.add(result)
         manifest = writer.manifest
 
+    ``verify_sha256=False`` skips re-hashing every image to check ``sha256``, for callers
+    whose rows come straight from :func:`~clip_data.checks.check_record` (which hashed the
+    very bytes it returns), such as :func:`clip_data.ingest.ingest_records`.
+
     ``dest`` must be a local path (s3 destinations are a follow-up). An existing ``dest``
     must be an earlier ingest output (it has a ``manifest.json``) or an empty directory.
     """
@@ -158,6 +214,8 @@ class ShardWriter:
         dest: str | os.PathLike[str],
         config: ShardConfig = _DEFAULT_CONFIG,
         ingest_config: dict[str, Any] | None = None,
+        *,
+        verify_sha256: bool = True,
     ) -> None:
         dest_str = os.fspath(dest)
         if "://" in dest_str:
@@ -166,6 +224,7 @@ class ShardWriter:
             raise TypeError(f"config must be a ShardConfig, got {type(config).__name__}")
         self.dest = Path(dest_str).absolute()
         self.config = config
+        self._verify_sha256 = bool(verify_sha256)
         if ingest_config is None:
             ingest_config = {}
         if not isinstance(ingest_config, dict):
@@ -192,7 +251,8 @@ class ShardWriter:
         self._per_reason: Counter[str] = Counter()
         self._shards: list[dict[str, Any]] = []
         self._shard: ParquetStream | None = None
-        self._buffer: list[list[Any]] = [[] for _ in ROW_SCHEMA]
+        self._buffer: list[list[Any]] = [[] for _ in _BASE_COLUMNS]
+        self._extras = _Extras()
         self._buffer_bytes = 0
         self._qbuffer: list[list[Any]] = [[] for _ in QUARANTINE_SCHEMA]
         try:
@@ -250,7 +310,8 @@ class ShardWriter:
         Raises ``TypeError``/``ValueError`` for a malformed row (nothing is recorded then).
         """
         self._check_open()
-        values = _row_values(row)
+        values = _row_values(row, self._verify_sha256)
+        extra, extra_size = self._extras.prepare(row.extra, f"row {row.key!r}: extra")
         self._read += 1
         first = self._seen.get(row.sha256)
         if first is not None:
@@ -259,7 +320,7 @@ class ShardWriter:
         self._seen[row.sha256] = row.key
         self._per_split[row.split] += 1
 
-        size = _raw_size(values)
+        size = _raw_size(values) + extra_size
         target = self.config.target_shard_bytes
         if self._shard_rows() > 0:
             written = self._shard.bytes_written if self._shard is not None else 0
@@ -269,6 +330,7 @@ class ShardWriter:
                 self._flush_rows()
         for column, value in zip(self._buffer, values, strict=True):
             column.append(value)
+        self._extras.append(extra)
         self._buffer_bytes += size
         if self.buffered_rows >= self.config.row_group_rows:
             self._flush_rows()
@@ -303,11 +365,13 @@ class ShardWriter:
         """Write the buffered accepted rows as one row group of the current shard."""
         if self.buffered_rows == 0:
             return
+        extras = self._extras.columns()  # fixes the extra schema at the first flush
         if self._shard is None:
             name = shard_name(len(self._shards))
-            self._shard = ParquetStream(self._tmp / name, ROW_SCHEMA, self.config.compression)
-        self._shard.write(self._buffer)
-        self._buffer = [[] for _ in ROW_SCHEMA]
+            schema = row_schema(self._extras.types or {})
+            self._shard = ParquetStream(self._tmp / name, schema, self.config.compression)
+        self._shard.write([*self._buffer, *extras])
+        self._buffer = [[] for _ in _BASE_COLUMNS]
         self._buffer_bytes = 0
 
     def _finish_shard(self) -> None:
@@ -380,6 +444,7 @@ class ShardWriter:
                 "sha256": file_sha256(qpath),
             },
             "duplicates": self._duplicates,
+            "extra_columns": dict(self._extras.types or {}),
             "shard_config": asdict(self.config),
             "ingest_config": self.ingest_config,
         }

@@ -24,12 +24,15 @@ import inspect
 import io
 import itertools
 import json
+import os
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from clip_data.corpora import (
     read_fashion_mnist,
@@ -51,14 +54,35 @@ __all__ = [
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 WDS_IMAGE_FIELDS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 _MAX_ERROR_CHARS = 300
+#: Bytes a WebDataset tar stream reads at a time (tarfile's default 10 KiB costs more calls;
+#: much larger buffers cost more, as tarfile slices its buffer on every read).
+_TAR_BUFSIZE = 1 << 16
 
 
 # --------------------------------------------------------------------------- helpers
 
 
+#: botocore settings every ``s3://`` source or destination gets unless ``storage_options``
+#: ``config_kwargs`` sets its own: an unreachable endpoint fails within seconds, where
+#: botocore's defaults retry with backoff for a long while.
+S3_CLIENT_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "read_timeout": 60,
+    "retries": {"max_attempts": 2, "mode": "standard"},
+}
+
+
+def storage_options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` for ``uri`` with :data:`S3_CLIENT_DEFAULTS` filled in for S3."""
+    options = dict(storage_options or {})
+    if uri.split("://", 1)[0].lower() in ("s3", "s3a"):
+        options["config_kwargs"] = {**S3_CLIENT_DEFAULTS, **options.get("config_kwargs", {})}
+    return options
+
+
 def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
     """The fsspec filesystem for ``uri`` and the protocol-less path, trailing slash removed."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options))
     return fs, str(path).rstrip("/") or "/"
 
 
@@ -91,17 +115,73 @@ class _UniqueKeys:
         return key if count == 0 else f"{key}#{count}"
 
 
+def _is_local(fs: Any) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
 def _read_optional(fs: Any, path: str) -> bytes | None:
-    """The bytes of ``path``, ``None`` if it does not exist (a missing image is a record)."""
+    """The bytes of ``path``, ``None`` if it does not exist (a missing image is a record).
+
+    Local files are read with ``open`` directly: fsspec's per-call path handling costs more
+    than reading a small image.
+    """
     try:
+        if _is_local(fs):
+            with open(path, "rb") as fh:  # noqa: PTH123 - the fastest way to read a file
+                return fh.read()
         return bytes(fs.cat_file(path))
     except FileNotFoundError:
         return None
 
 
+@dataclass(frozen=True)
+class FileBytes:
+    """An :class:`~clip_data.records.BytesLoader` for one file of an fsspec filesystem.
+
+    Picklable (fsspec filesystems pickle as their class and options), so an ingest worker
+    process reads the file itself. A read error other than a missing file raises a short
+    :class:`SourceError` naming the source and the file.
+    """
+
+    fs: Any
+    path: str
+    source: str
+
+    def read(self) -> bytes | None:
+        """The file's bytes, ``None`` if it does not exist."""
+        try:
+            return _read_optional(self.fs, self.path)
+        except Exception as error:
+            if not _is_read_error(error):
+                raise
+            raise SourceError(
+                f"cannot read source {self.source!r}: {self.path}: {_short(error)}"
+            ) from None
+
+
+def _file(fs: Any, path: str, source: str, lazy: bool) -> tuple[bytes | None, FileBytes | None]:
+    """``(bytes, None)``, or ``(None, loader)`` when ``lazy``: the fields of a RawRecord."""
+    if lazy:
+        return None, FileBytes(fs, path, source)
+    return _read_optional(fs, path), None
+
+
+def _find(fs: Any, root: str) -> list[str]:
+    """Sorted paths of all files under the folder ``root`` (``os.walk`` for local files)."""
+    if not _is_local(fs):
+        return sorted(str(p) for p in fs.find(root))
+    found: list[str] = []
+    for folder, _dirs, names in os.walk(root):
+        found.extend(posixpath.join(folder, name) for name in names)
+    return sorted(found)
+
+
 def _short(error: BaseException) -> str:
+    """One line naming the error and its cause; access errors get a hint."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    if isinstance(error, PermissionError):
+        text = f"access denied, check the credentials and permissions ({text})"
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
@@ -122,19 +202,24 @@ def _list_files(fs: Any, root: str, suffixes: tuple[str, ...]) -> list[str]:
 
 
 def read_folder(
-    uri: str, *, storage_options: dict[str, Any] | None = None, split: str = "train"
+    uri: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    split: str = "train",
+    lazy_images: bool = False,
 ) -> Iterator[RawRecord]:
     """Images with a ``.txt`` caption of the same stem beside each, searched recursively.
 
     The key is the path relative to ``uri`` without extension. A caption without an image
     yields ``image=None``, an image without a caption ``caption=None``. When several images
-    share a stem, each keeps its extension in the key.
+    share a stem, each keeps its extension in the key. ``lazy_images``: records carry
+    :class:`FileBytes` loaders for the image and caption instead of the bytes.
     """
     fs, root = _fs(uri, storage_options)
     if not fs.isdir(root):
         raise SourceError(f"not a folder: {uri!r}")
     groups: dict[str, list[str]] = {}
-    for path in sorted(str(p) for p in fs.find(root)):
+    for path in _find(fs, root):
         relative = path[len(root) :].lstrip("/")
         if relative.lower().endswith((*IMAGE_EXTENSIONS, ".txt")):
             groups.setdefault(_stem_key(relative), []).append(relative)
@@ -142,20 +227,40 @@ def read_folder(
         files = groups[stem]
         texts = [f for f in files if f.lower().endswith(".txt")]
         images = [f for f in files if not f.lower().endswith(".txt")]
-        caption = _read_optional(fs, _join(root, texts[0])) if texts else None
         if not images:
+            caption = _read_optional(fs, _join(root, texts[0]))
             yield RawRecord(stem, None, caption, uri, split, {"caption_file": texts[0]})
+            continue
+        caption, text_loader = None, None
+        if texts:
+            caption, text_loader = _file(fs, _join(root, texts[0]), uri, lazy_images)
         for image in images:
             key = stem if len(images) == 1 else posixpath.normpath(image)
-            data = _read_optional(fs, _join(root, image))
-            yield RawRecord(key, data, caption, uri, split, {"image_file": image})
+            data, loader = _file(fs, _join(root, image), uri, lazy_images)
+            yield RawRecord(
+                key,
+                data,
+                caption,
+                uri,
+                split,
+                {"image_file": image},
+                image_loader=loader,
+                caption_loader=text_loader,
+            )
 
 
 # --------------------------------------------------------------------------- csv / jsonl
 
 
 def _table_record(
-    fields: dict[str, Any], base: str, fs: Any, uri: str, *, split: str, options: dict[str, str]
+    fields: dict[str, Any],
+    base: str,
+    fs: Any,
+    uri: str,
+    *,
+    split: str,
+    options: dict[str, str],
+    lazy: bool,
 ) -> tuple[str, RawRecord]:
     """One CSV/JSONL row as (unique-key candidate, record); ``options`` names the columns."""
     filepath = fields.get(options["image_column"])
@@ -165,8 +270,9 @@ def _table_record(
     if not isinstance(filepath, str) or not filepath:
         return "", RawRecord("", None, caption_bytes, uri, split, extra, problem="no image path")
     extra["image_file"] = filepath
-    image = _read_optional(fs, _join(base, filepath))
-    return _stem_key(filepath), RawRecord("", image, caption_bytes, uri, split, extra)
+    image, loader = _file(fs, _join(base, filepath), uri, lazy)
+    record = RawRecord("", image, caption_bytes, uri, split, extra, image_loader=loader)
+    return _stem_key(filepath), record
 
 
 def read_csv(
@@ -177,12 +283,14 @@ def read_csv(
     caption_column: str = "caption",
     delimiter: str | None = None,
     split: str = "train",
+    lazy_images: bool = False,
 ) -> Iterator[RawRecord]:
     """A CSV (``.tsv``: tab-separated unless ``delimiter`` says otherwise) of image paths and
     captions; paths are relative to the CSV's folder. Other columns go to ``extra``.
 
     Raises :class:`SourceError` naming the missing columns. A row without an image path yields
     a record with ``problem`` set; a key repeated by several rows gets a ``#n`` suffix.
+    ``lazy_images``: records carry a :class:`FileBytes` loader instead of the bytes.
     """
     fs, path = _fs(uri, storage_options)
     sep = delimiter or ("\t" if path.lower().endswith(".tsv") else ",")
@@ -197,7 +305,9 @@ def read_csv(
         if missing:
             raise SourceError(f"{uri}: missing column(s) {missing}; found {list(header)}")
         for row_number, row in enumerate(reader, start=2):
-            key, record = _table_record(dict(row), base, fs, uri, split=split, options=columns)
+            key, record = _table_record(
+                dict(row), base, fs, uri, split=split, options=columns, lazy=lazy_images
+            )
             key = unique(key or f"row-{row_number}")
             yield dataclasses.replace(record, key=key)
 
@@ -209,6 +319,7 @@ def read_jsonl(
     image_column: str = "filepath",
     caption_column: str = "caption",
     split: str = "train",
+    lazy_images: bool = False,
 ) -> Iterator[RawRecord]:
     """JSON Lines with the same fields as :func:`read_csv`; other fields go to ``extra``.
 
@@ -229,7 +340,9 @@ def read_jsonl(
                 problem = f"line {number} is not a JSON object"
                 yield RawRecord(unique(f"line-{number}"), None, None, uri, split, problem=problem)
                 continue
-            key, record = _table_record(fields, base, fs, uri, split=split, options=columns)
+            key, record = _table_record(
+                fields, base, fs, uri, split=split, options=columns, lazy=lazy_images
+            )
             yield dataclasses.replace(record, key=unique(key or f"line-{number}"))
 
 
@@ -275,7 +388,7 @@ def read_tar_stream(
     """
     current: str | None = None
     fields: dict[str, bytes] = {}
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r|*", bufsize=_TAR_BUFSIZE) as tar:
         for index, member in enumerate(tar):
             if member.isdir():
                 continue
@@ -460,10 +573,15 @@ def _guarded(records: Iterator[RawRecord], uri: str) -> Iterator[RawRecord]:
         raise SourceError(f"cannot read source {uri!r}: {_short(error)}") from None
 
 
-def open_source(uri: str, kind: str | None = None, **options: Any) -> Iterator[RawRecord]:
+def open_source(
+    uri: str, kind: str | None = None, *, lazy_images: bool = False, **options: Any
+) -> Iterator[RawRecord]:
     """Stream the records of ``uri`` (a path, ``s3://`` URI or built-in corpus name).
 
     ``kind`` is one of :data:`SOURCE_KINDS`, or ``None`` to detect it (:func:`detect_kind`).
+    ``lazy_images``: readers of image files (folder, csv, jsonl) yield records with an
+    ``image_loader`` instead of the bytes (:meth:`RawRecord.loaded` reads them), so an ingest
+    reads images in its worker processes; other kinds ignore it.
     ``options`` go to the reader (e.g. ``storage_options``, ``image_column``, ``limit``);
     the source is opened (its first record read) before this returns, so unknown kinds or
     options, a missing file, bucket or package raise :class:`SourceError` here; later read
@@ -484,6 +602,8 @@ def open_source(uri: str, kind: str | None = None, **options: Any) -> Iterator[R
         inspect.signature(reader).bind(uri, **options)
     except TypeError as error:
         raise SourceError(f"bad options for a {kind} source: {error}") from None
+    if lazy_images and "lazy_images" in inspect.signature(reader).parameters:
+        options = {**options, "lazy_images": True}
     stream = _guarded(reader(uri, **options), uri)
     first = next(stream, None)  # open now: a missing file, bucket or package fails here
     return stream if first is None else itertools.chain([first], stream)

@@ -11,7 +11,8 @@ have been rewritten, copied badly or produced by an older/buggy writer)::
 What is checked (thresholds come from :class:`ValidationConfig`, loadable from YAML/JSON):
 
 * the metadata frame has exactly the expected columns, and every shard file has exactly the
-  :data:`~clip_data.shards.ROW_SCHEMA` column names and types;
+  column names and types of :func:`~clip_data.shard_format.row_schema` for the manifest's
+  ``extra_columns`` (the base columns, the typed ``extra.<key>`` columns, ``extra_json``);
 * no nulls in key, caption and the image-derived columns; captions are valid UTF-8 and their
   length is within bounds; width/height and aspect ratio are within bounds; keys are unique;
   splits are in the allowed set;
@@ -53,6 +54,7 @@ from clip_data.metadata import (
     read_frame,
 )
 from clip_data.records import SPLITS
+from clip_data.shard_format import row_schema
 from clip_data.shards import ROW_SCHEMA
 
 # pandas ships no type stubs in this environment: frames are typed as Any (pandas.DataFrame at
@@ -270,8 +272,14 @@ def _extra_checks(path: Path, manifest: dict[str, Any], frame: _DataFrame) -> li
         problems.append(f"manifest accepted={accepted!r} but {rows} rows found")
     bad_schema: list[str] = []
     bad_sha: list[str] = []
-    expected_names = ROW_SCHEMA.names
-    expected_types = [f.type for f in ROW_SCHEMA]
+    extra_columns = manifest.get("extra_columns") or {}
+    try:
+        expected = row_schema(extra_columns)
+    except (KeyError, TypeError, AttributeError):  # a tampered extra schema in the manifest
+        expected = ROW_SCHEMA
+        problems.append(f"manifest extra_columns={extra_columns!r} is not an extra schema")
+    expected_names = expected.names
+    expected_types = [f.type for f in expected]
     for shard in shards:
         file = path / shard["file"]
         schema = pq.read_schema(file)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -28,6 +29,7 @@ from clip_data.shards import (
     ShardWriter,
     iter_rows,
     read_manifest,
+    row_schema,
 )
 
 
@@ -87,6 +89,8 @@ def _snapshot(dest: Path) -> dict[str, bytes]:
 
 
 SMALL = ShardConfig(target_shard_bytes=40_000, row_group_rows=8)
+#: The shard schema of ``_row``'s extras.
+EXPECTED_SCHEMA = row_schema({"a": "json", "url": "string", "z": "int64"})
 
 
 def test_rollover_and_round_trip(tmp_path: Path) -> None:
@@ -109,11 +113,7 @@ def test_rollover_and_round_trip(tmp_path: Path) -> None:
         assert all(
             md.row_group(g).num_rows <= SMALL.row_group_rows for g in range(md.num_row_groups)
         )
-        assert (
-            pq.read_schema(dest / shard["file"])
-            .remove_metadata()
-            .equals(ROW_SCHEMA.remove_metadata())
-        )
+        assert pq.read_schema(dest / shard["file"]).equals(EXPECTED_SCHEMA, check_metadata=True)
 
     assert list(iter_rows(dest)) == [_as_dict(r) for r in rows]
     assert manifest["counts"]["per_split"] == {"test": 33, "train": 34, "val": 33}
@@ -126,13 +126,18 @@ def test_single_oversized_row_gets_its_own_shard(tmp_path: Path) -> None:
     assert [s["rows"] for s in manifest["shards"]] == [1, 1, 1]
 
 
-def test_extra_stored_as_sorted_json(tmp_path: Path) -> None:
+def test_extra_stored_as_typed_columns(tmp_path: Path) -> None:
     dest = tmp_path / "out"
-    _write(dest, [_row(0)])
+    manifest = _write(dest, [_row(0), _row(1)])
+    assert manifest["extra_columns"] == {"a": "json", "url": "string", "z": "int64"}
     table = pq.read_table(dest / "part-00000.parquet")
-    assert table.column("extra").to_pylist() == [
-        '{"a":[1,"two"],"url":"http://example.com/0","z":0}'
-    ]
+    extra_names = ["extra.a", "extra.url", "extra.z", "extra_json"]
+    assert table.schema.names == [*ROW_SCHEMA.names[:-1], *extra_names]
+    assert table.column("extra.z").type == pa.int64()
+    assert table.column("extra.z").to_pylist() == [0, 1]
+    assert table.column("extra.url").to_pylist() == [f"http://example.com/{i}" for i in (0, 1)]
+    assert table.column("extra.a").to_pylist() == ['[1,"two"]'] * 2  # a list: JSON text
+    assert table.column("extra_json").to_pylist() == [None, None]  # nothing left over
 
 
 def test_duplicates_kept_once_and_recorded(tmp_path: Path) -> None:
