@@ -7,6 +7,7 @@ import json
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -104,7 +105,7 @@ SOURCES: dict[str, Callable[[Path], str]] = {
     "fashion-mnist": lambda root: "fashion-mnist",
     "tuxpaint": _tuxpaint,
 }
-OPTIONS: dict[str, dict[str, object]] = {"fashion-mnist": {"limit": 6}}
+OPTIONS: dict[str, dict[str, Any]] = {"fashion-mnist": {"limit": 6}}
 
 
 @pytest.mark.parametrize("kind", list(SOURCES))
