@@ -9,3 +9,7 @@ class SourceError(ValueError):
 
 class MissingDatasetError(SourceError):
     """A built-in corpus whose Debian package is not installed (the message says which)."""
+
+
+class DestinationError(ValueError):
+    """An ingest output cannot be written: unreachable storage, bad credentials, no bucket."""

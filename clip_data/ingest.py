@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
@@ -47,6 +48,7 @@ from typing import Any, TextIO, cast
 
 from clip_data.checks import CheckConfig, CheckedRecord, Rejection, check_record
 from clip_data.records import RawRecord
+from clip_data.remote import is_remote, join_uri, upload_output
 from clip_data.shards import (
     QUARANTINE_NAME,
     Manifest,
@@ -155,9 +157,13 @@ class IngestFailed(RuntimeError):  # noqa: N818 - the name is part of the API
         self.summary = (
             f"{counts['quarantined']} of {counts['read']} records quarantined "
             f"({bad_fraction(manifest):.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
-            f"{summarize(manifest)}; see {Path(dest) / QUARANTINE_NAME}"
+            f"{summarize(manifest)}; see {_join(dest, QUARANTINE_NAME)}"
         )
         super().__init__(self.summary)
+
+
+def _join(dest: str, name: str) -> str:
+    return join_uri(dest, name) if is_remote(dest) else str(Path(dest) / name)
 
 
 # ------------------------------------------------------------------------- checking
@@ -288,6 +294,8 @@ def ingest_records(
     config: IngestConfig = IngestConfig(),  # frozen, so a shared default is safe
     source_desc: dict[str, Any] | None = None,
     progress: bool | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Check every record and write the accepted rows and the quarantine to ``dest``.
 
@@ -295,11 +303,14 @@ def ingest_records(
         records: The raw records, consumed lazily (at most ``config.window`` ahead of what
             has been written).
         dest: Output directory (see :class:`~clip_data.shards.ShardWriter`: published
-            atomically, an earlier ingest output there is replaced).
+            atomically, an earlier ingest output there is replaced), or a URL such as
+            ``s3://bucket/prefix``: the output is then written to a local staging directory
+            and uploaded, ``manifest.json`` last (see :mod:`clip_data.remote`).
         config: Thresholds, layout, failure limit and parallelism.
         source_desc: JSON-compatible description of the source, stored in the manifest's
             ``ingest_config["source"]``.
         progress: Show a progress line on stderr; ``None``: only when stderr is a TTY.
+        storage_options: fsspec options for a URL ``dest`` (e.g. S3 endpoint, credentials).
 
     Returns:
         The manifest of the written output.
@@ -308,10 +319,21 @@ def ingest_records(
         IngestFailed: More than ``config.max_bad_fraction`` of the records were
             quarantined (the output is written first).
         AssertionError: The row accounting does not add up (a bug, never bad data).
-        Any exception from the source or the writer; ``dest`` is then left untouched.
+        DestinationError: A URL ``dest`` cannot be reached or written.
+        Any exception from the source or the writer; ``dest`` is then left untouched
+        (a URL ``dest`` is only touched once the whole output is staged).
     """
     if not isinstance(config, IngestConfig):
         raise TypeError(f"config must be an IngestConfig, got {type(config).__name__}")
+    if is_remote(dest):
+        return _ingest_remote(
+            records,
+            str(dest),
+            config,
+            source_desc=source_desc,
+            progress=progress,
+            storage_options=storage_options,
+        )
     show = sys.stderr.isatty() if progress is None else bool(progress)
     meter = _Progress(sys.stderr, show)
     pulled = 0
@@ -360,6 +382,27 @@ def ingest_records(
     return manifest
 
 
+def _ingest_remote(
+    records: Iterable[RawRecord],
+    dest: str,
+    config: IngestConfig,
+    *,
+    source_desc: dict[str, Any] | None,
+    progress: bool | None,
+    storage_options: dict[str, Any] | None,
+) -> Manifest:
+    """:func:`ingest_records` to a URL: stage in a temporary directory, then upload."""
+    with tempfile.TemporaryDirectory(prefix="clipops-ingest-") as stage:
+        local = Path(stage) / "output"
+        try:
+            manifest = ingest_records(records, local, config, source_desc, progress)
+        except IngestFailed as failed:  # still published, as for a local destination
+            upload_output(local, dest, storage_options)
+            raise IngestFailed(failed.manifest, dest, config.max_bad_fraction) from None
+        upload_output(local, dest, storage_options)
+    return manifest
+
+
 def _describe_options(options: dict[str, Any]) -> dict[str, Any]:
     """Source options for the manifest: credentials never recorded, the rest as JSON."""
     described: dict[str, Any] = {}
@@ -379,17 +422,26 @@ def ingest(
     kind: str | None = None,
     *,
     progress: bool | None = None,
+    dest_storage_options: dict[str, Any] | None = None,
     **source_options: Any,
 ) -> Manifest:
     """Open ``source`` with :func:`~clip_data.sources.open_source` and ingest it to ``dest``.
 
     ``kind`` and ``source_options`` go to ``open_source`` (``SourceError`` for an unknown
     kind or option, or a source that cannot be read) and are recorded in the manifest
-    (``storage_options`` by key names only). See :func:`ingest_records` for the rest.
+    (``storage_options`` by key names only). ``dest_storage_options``: fsspec options of a
+    URL ``dest`` (never recorded). See :func:`ingest_records` for the rest.
     """
     from clip_data.sources import open_source
 
     # Image files are read where they are checked (in the workers), not in this process.
     records = open_source(source, kind, lazy_images=True, **source_options)
     desc = {"uri": source, "kind": kind, "options": _describe_options(source_options)}
-    return ingest_records(records, dest, config, source_desc=desc, progress=progress)
+    return ingest_records(
+        records,
+        dest,
+        config,
+        source_desc=desc,
+        progress=progress,
+        storage_options=dest_storage_options,
+    )

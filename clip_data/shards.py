@@ -31,8 +31,8 @@ Memory: rows are streamed to the current shard; at most one row group (``row_gro
 rows, and never more than about ``target_shard_bytes``) is buffered. The duplicate index
 holds one SHA-256 per accepted row.
 
-Only local filesystem destinations are supported for now; writing to ``s3://`` (staging
-locally, then uploading) is a follow-up.
+Only local filesystem destinations: :func:`clip_data.ingest.ingest_records` stages an
+``s3://`` destination locally and uploads it (:mod:`clip_data.remote`).
 """
 
 from __future__ import annotations
@@ -205,8 +205,9 @@ class ShardWriter:
     whose rows come straight from :func:`~clip_data.checks.check_record` (which hashed the
     very bytes it returns), such as :func:`clip_data.ingest.ingest_records`.
 
-    ``dest`` must be a local path (s3 destinations are a follow-up). An existing ``dest``
-    must be an earlier ingest output (it has a ``manifest.json``) or an empty directory.
+    ``dest`` must be a local path (``ingest_records`` handles ``s3://`` destinations). An
+    existing ``dest`` must be an earlier ingest output (it has a ``manifest.json``) or an
+    empty directory.
     """
 
     def __init__(
@@ -219,7 +220,7 @@ class ShardWriter:
     ) -> None:
         dest_str = os.fspath(dest)
         if "://" in dest_str:
-            raise ValueError(f"only local destinations are supported for now, got {dest_str!r}")
+            raise ValueError(f"ShardWriter writes local destinations only, got {dest_str!r}")
         if not isinstance(config, ShardConfig):
             raise TypeError(f"config must be a ShardConfig, got {type(config).__name__}")
         self.dest = Path(dest_str).absolute()
