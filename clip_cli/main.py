@@ -112,6 +112,41 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from clip_train.config import RunConfigError, load_run_config
+    from clip_train.data import DataError
+    from clip_train.run import train
+    from clip_train.state import TrainCheckpointError
+
+    try:
+        cfg = load_run_config(args.config, args.set)
+    except RunConfigError as exc:
+        print(f"clipops train: bad config: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    try:
+        result = train(cfg, resume_from=args.resume_from)
+    except (TrainCheckpointError, DataError) as exc:
+        print(f"clipops train: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {
+                "run_dir": result.run_dir,
+                "final_model": result.final_model,
+                "steps": result.steps,
+                "samples_seen": result.samples_seen,
+                "mlflow_run_id": result.mlflow_run_id,
+                "dataset_version": result.dataset_version,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
@@ -155,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="source option (repeatable; JSON values such as 3 or true are parsed)",
     )
     p.set_defaults(handler=_cmd_ingest)
+
+    p = sub.add_parser("train", help="pretrain a CLIP on Parquet shards with Ray Train")
+    p.add_argument(
+        "--config", required=True, help="recipe name (tiny, vit-b32, ...) or run-config YAML"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set infra.num_workers=8",
+    )
+    p.add_argument(
+        "--resume-from", default=None, help="training checkpoint directory to start from"
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("validate", help="check an ingest output with Great Expectations")
     p.add_argument("dest", help="ingest output directory (validation.json is written there)")

@@ -1,0 +1,197 @@
+"""Ray Data input pipeline: Parquet shards -> decoded, augmented, tokenised training batches.
+
+The dataset streams: Parquet files are read in blocks, a CPU map stage decodes each image,
+applies the paper's training transform (random square crop, resize) and tokenises the
+caption, and Ray Train splits the stream evenly between the training workers. No process
+holds the whole dataset. Each worker shuffles locally with a buffer whose seed depends on the
+run seed, the epoch and the rank, so every epoch sees a different, recorded order.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+
+from clip_core.tokenizer import ClipTokenizer
+from clip_core.transforms import TrainTransform, decode_image
+
+MANIFEST = "manifest.json"
+
+
+class DataError(ValueError):
+    """The training data cannot be used: no manifest, empty split, too few rows."""
+
+
+def read_manifest_any(shards: str) -> dict[str, Any]:
+    """The ingest manifest of a local or ``s3://`` shard directory."""
+    url = f"{shards.rstrip('/')}/{MANIFEST}"
+    try:
+        with fsspec.open(url, "r", encoding="utf-8") as fh:
+            manifest: dict[str, Any] = json.load(fh)
+    except FileNotFoundError as exc:
+        raise DataError(f"{url}: no ingest manifest (run `clipops ingest` first)") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{url}: cannot read the ingest manifest: {exc}") from exc
+    return manifest
+
+
+def shard_urls(shards: str, manifest: dict[str, Any]) -> list[str]:
+    """The Parquet files listed in the manifest, as URLs under ``shards``."""
+    base = shards.rstrip("/")
+    return [f"{base}/{s['file']}" for s in manifest["shards"]]
+
+
+def split_rows(manifest: dict[str, Any], split: str) -> int:
+    """Accepted rows of ``split`` according to the manifest."""
+    return int(manifest["counts"].get("per_split", {}).get(split, 0))
+
+
+def read_captions(urls: list[str], split: str, limit: int) -> list[str]:
+    """Up to ``limit`` captions of ``split`` (caption column only), to train a tokenizer."""
+    import pyarrow.parquet as pq
+
+    captions: list[str] = []
+    for url in urls:
+        with fsspec.open(url, "rb") as fh:
+            table = pq.read_table(fh, columns=["caption", "split"])
+        for caption, row_split in zip(
+            table.column("caption").to_pylist(), table.column("split").to_pylist(), strict=True
+        ):
+            if row_split == split:
+                captions.append(caption)
+                if len(captions) >= limit:
+                    return captions
+    return captions
+
+
+def _row_seed(seed: int, key: str, counter: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{key}:{counter}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(merges: tuple[tuple[str, str], ...], context_length: int) -> ClipTokenizer:
+    return ClipTokenizer.from_merges(merges, context_length=context_length)
+
+
+def preprocess_rows(
+    batch: dict[str, np.ndarray],
+    *,
+    merges: tuple[tuple[str, str], ...],
+    context_length: int,
+    image_size: int,
+    scale: tuple[float, float],
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Ray Data map stage: image bytes + caption -> image [B, 3, R, R] float + tokens [B, L].
+
+    Runs as a plain Ray task, so worker processes (and their imports) are reused between
+    epochs; the tokenizer is built once per process. The crop of each row is drawn from a
+    generator seeded by (run seed, row key, a per-process call counter), so crops differ
+    between epochs.
+    """
+    global _CALLS  # noqa: PLW0603 - a per-process counter
+    _CALLS += 1
+    tokenizer = _cached_tokenizer(merges, context_length)
+    transform = TrainTransform(image_size, scale=scale)
+    g = torch.Generator()
+    images = []
+    for key, data in zip(batch["key"], batch["image"], strict=True):
+        g.manual_seed(_row_seed(seed, str(key), _CALLS))
+        images.append(transform(decode_image(bytes(data)), generator=g))
+    tokens = tokenizer([str(c) for c in batch["caption"]], truncate=True)  # [B, L]
+    return {
+        "image": torch.stack(images).numpy(),  # [B, 3, R, R]
+        "tokens": tokens.numpy().astype(np.int64),  # [B, L]
+    }
+
+
+_CALLS = 0
+
+
+def row_group_units(urls: list[str]) -> list[dict[str, Any]]:
+    """One work unit per Parquet row group: {"url", "row_group", "rows"} (footers only)."""
+    import pyarrow.parquet as pq
+
+    units = []
+    for url in urls:
+        with fsspec.open(url, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+        units += [
+            {"url": url, "row_group": i, "rows": meta.row_group(i).num_rows}
+            for i in range(meta.num_row_groups)
+        ]
+    return units
+
+
+def load_units(
+    batch: dict[str, np.ndarray], *, split: str, chunk: int, **kwargs: Any
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data stage: read each row group, keep ``split``, yield preprocessed chunks."""
+    import pyarrow.parquet as pq
+
+    for url, group in zip(batch["url"], batch["row_group"], strict=True):
+        with fsspec.open(str(url), "rb") as fh:
+            table = pq.ParquetFile(fh).read_row_group(
+                int(group), columns=["key", "image", "caption", "split"]
+            )
+        keep = [i for i, s in enumerate(table.column("split").to_pylist()) if s == split]
+        columns = {name: table.column(name).to_pylist() for name in ("key", "image", "caption")}
+        for start in range(0, len(keep), chunk):
+            rows = keep[start : start + chunk]
+            part = {
+                name: np.array([values[i] for i in rows], dtype=object)
+                for name, values in columns.items()
+            }
+            yield preprocess_rows(part, **kwargs)
+
+
+def build_dataset(
+    urls: list[str],
+    *,
+    split: str,
+    tokenizer: ClipTokenizer,
+    image_size: int,
+    scale: tuple[float, float],
+    seed: int,
+    preprocess_cpus: float,
+    preprocess_batch: int,
+) -> Any:
+    """A streaming ``ray.data.Dataset`` of preprocessed training rows of ``split``.
+
+    The source is the list of row groups (read lazily by the map tasks, local or s3://),
+    so no process reads more than one row group at a time.
+    """
+    import ray.data
+
+    units = row_group_units(urls)
+    if not units:
+        raise DataError(f"no Parquet row groups in {urls}")
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    return ds.map_batches(
+        load_units,  # type: ignore[arg-type]
+        fn_kwargs={
+            "split": split,
+            "chunk": preprocess_batch,
+            "merges": tuple(tokenizer.merges),
+            "context_length": tokenizer.context_length,
+            "image_size": image_size,
+            "scale": scale,
+            "seed": seed,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=preprocess_cpus,
+    )
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """Local shuffle seed of one worker in one epoch."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31)

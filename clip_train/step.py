@@ -1,0 +1,124 @@
+"""One optimiser step of distributed contrastive training.
+
+The loss is the paper's sharded local-rows loss: each worker scores its own pairs against the
+gathered global batch, and DDP averages gradients, so the update equals single-process
+training on the global batch. With ``accum_steps`` > 1 the update is still exact: features
+of every micro-batch are first computed without gradients, then each micro-batch is
+recomputed with gradients and its cached features swapped in, so the loss is always the
+loss of the full local batch against the full global batch (negatives are not lost). The
+temperature's gradient is taken from the first micro-batch only, so it counts once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from clip_core.loss import local_rows_loss
+from clip_core.model import CLIP, ClipOutput
+from clip_train.config import OptimSection, PrecisionSection
+from clip_train.optim import set_lr
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: PrecisionSection, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this device: None (fp32) on CPU, bf16/fp16 on GPU."""
+    if device.type != "cuda":
+        return None
+    return AUTOCAST_DTYPES.get(precision.precision)
+
+
+@dataclass
+class StepResult:
+    """What one optimiser step reports."""
+
+    loss: float
+    logit_scale: float
+    grad_norm: float | None
+
+
+class Stepper:
+    """Applies optimiser steps to a (possibly DDP-wrapped) CLIP."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        raw: CLIP,
+        optimizer: torch.optim.Optimizer,
+        optim: OptimSection,
+        precision: PrecisionSection,
+        device: torch.device,
+    ) -> None:
+        self.model, self.raw, self.optimizer = model, raw, optimizer
+        self.optim = optim
+        self.device = device
+        self.dtype = autocast_dtype(precision, device)
+        use_scaler = self.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _forward(self, images: torch.Tensor, tokens: torch.Tensor) -> ClipOutput:
+        with self._autocast():
+            out: ClipOutput = self.model(images, tokens)
+        return out
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        no_sync = getattr(self.model, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+    def _micro_losses(self, images: torch.Tensor, tokens: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield each micro-batch's loss (already backpropagated) for the full local batch."""
+        chunks = self.optim.accum_steps
+        if chunks == 1:
+            out = self._forward(images, tokens)
+            loss = local_rows_loss(out.image_features, out.text_features, out.logit_scale)
+            self.scaler.scale(loss).backward()
+            yield loss
+            return
+        img_chunks, tok_chunks = images.chunk(chunks), tokens.chunk(chunks)
+        with torch.no_grad():
+            cached = [self._forward(i, t) for i, t in zip(img_chunks, tok_chunks, strict=True)]
+        for j, (img, tok) in enumerate(zip(img_chunks, tok_chunks, strict=True)):
+            with self._no_sync(last=j == chunks - 1):
+                out = self._forward(img, tok)
+                all_img = torch.cat(
+                    [
+                        out.image_features if k == j else c.image_features
+                        for k, c in enumerate(cached)
+                    ]
+                )  # [n, D]
+                all_txt = torch.cat(
+                    [out.text_features if k == j else c.text_features for k, c in enumerate(cached)]
+                )  # [n, D]
+                scale = out.logit_scale if j == 0 else out.logit_scale.detach()
+                loss = local_rows_loss(all_img, all_txt, scale)
+                self.scaler.scale(loss).backward()
+            yield loss
+
+    def step(self, images: torch.Tensor, tokens: torch.Tensor, lr: float) -> StepResult:
+        """One update from this worker's batch: images [n, 3, R, R], tokens [n, L]."""
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros(())
+        for loss in self._micro_losses(images, tokens):  # noqa: B007 - the last one is reported
+            pass
+        grad_norm = None
+        if self.optim.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(self.raw.parameters(), self.optim.grad_clip_norm)
+            grad_norm = float(norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.raw.clamp_logit_scale()
+        return StepResult(float(loss.detach()), float(self.raw.logit_scale.exp()), grad_norm)

@@ -1,0 +1,143 @@
+"""MLflow tracking for pretraining runs.
+
+The driver opens (or, for a resumed run, reopens) one MLflow run per training run name and
+logs the resolved config as params and the lineage as tags; rank 0 of the training workers
+logs per-step metrics into that run. Metric names are stable (documented in
+docs/training.md):
+
+    train/loss, train/lr, train/logit_scale, train/pairs_per_s, train/data_wait_fraction,
+    train/epoch, train/samples_seen, train/grad_norm (when clipping), train/resume_step
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DB = "mlruns.db"
+RUN_NAME_TAG = "clipops.run_name"
+
+#: One experiment per model family, chosen by table (never by substring).
+FAMILY_BY_MODEL = {
+    "RN50": "clip-resnet",
+    "RN101": "clip-resnet",
+    "RN50x4": "clip-resnet",
+    "RN50x16": "clip-resnet",
+    "RN50x64": "clip-resnet",
+    "ViT-B-32": "clip-vit-b",
+    "ViT-B-16": "clip-vit-b",
+    "ViT-L-14": "clip-vit-l",
+    "ViT-L-14-336": "clip-vit-l",
+    "tiny-vit": "clip-tiny",
+    "tiny-rn": "clip-tiny",
+}
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The configured URI, else $MLFLOW_TRACKING_URI, else SQLite in the working directory."""
+    if uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def experiment_name(model_name: str, configured: str | None) -> str:
+    """The configured experiment, or the model family's."""
+    return configured or FAMILY_BY_MODEL.get(model_name, f"clip-{model_name.lower()}")
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where rank 0 logs: a tracking URI and an existing run id."""
+
+    uri: str
+    run_id: str
+
+
+def open_run(
+    uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]
+) -> TrackingTarget:
+    """Create the MLflow run for ``run_name``, or reopen the unfinished one (a resume)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and attributes.status != 'FINISHED'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(
+            exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name}
+        ).info.run_id
+        for key, value in sorted(params.items()):
+            client.log_param(run_id, key, value[:6000])
+    for key, value in sorted(tags.items()):
+        client.set_tag(run_id, key, value)
+    return TrackingTarget(uri, run_id)
+
+
+def finish_run(target: TrackingTarget, status: str, artifacts: dict[str, Path]) -> None:
+    """Upload ``artifacts`` (artifact path -> local dir) and close the run with ``status``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(target.uri)
+    for artifact_path, local in artifacts.items():
+        client.log_artifacts(target.run_id, str(local), artifact_path)
+    client.set_terminated(target.run_id, status=status)
+
+
+class StepLogger:
+    """Rank 0's per-step metric logger (with MLflow system metrics while it is open)."""
+
+    def __init__(self, target: TrackingTarget | None, system_metrics: bool) -> None:
+        self.target = target
+        self.client: Any = None
+        self.monitor: Any = None
+        if target is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(target.uri)
+        if system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self.monitor = SystemMetricsMonitor(
+                    target.run_id, sampling_interval=5, resume_logging=True, tracking_uri=target.uri
+                )
+                self.monitor.start()
+            except ImportError:  # psutil missing: no system metrics, training goes on
+                self.monitor = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log one step's metrics."""
+        if self.client is None or self.target is None:
+            return
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+        self.client.log_batch(self.target.run_id, metrics=batch, synchronous=True)
+
+    def close(self) -> None:
+        """Stop system-metrics sampling."""
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
