@@ -288,6 +288,18 @@ def _manifest_config(config: IngestConfig, source_desc: dict[str, Any] | None) -
     return settings
 
 
+def _check_accounting(manifest: Manifest, pulled: int, written: int) -> None:
+    """Raise ``AssertionError`` unless every record pulled was written and counted once."""
+    counts = manifest["counts"]
+    total = counts["accepted"] + counts["duplicates"] + counts["quarantined"]
+    if not (counts["read"] == total == pulled == written):
+        raise AssertionError(
+            f"row accounting broken: pulled {pulled} records from the source, wrote {written}; "
+            f"manifest read={counts['read']}, accepted={counts['accepted']}, "
+            f"duplicates={counts['duplicates']}, quarantined={counts['quarantined']}"
+        )
+
+
 def ingest_records(
     records: Iterable[RawRecord],
     dest: str | os.PathLike[str],
@@ -365,14 +377,7 @@ def ingest_records(
     if manifest is None:  # ShardWriter.close sets it on a clean exit
         raise AssertionError("ShardWriter closed without a manifest")
 
-    counts = manifest["counts"]
-    total = counts["accepted"] + counts["duplicates"] + counts["quarantined"]
-    if not (counts["read"] == total == pulled == written):
-        raise AssertionError(
-            f"row accounting broken: pulled {pulled} records from the source, wrote {written}; "
-            f"manifest read={counts['read']}, accepted={counts['accepted']}, "
-            f"duplicates={counts['duplicates']}, quarantined={counts['quarantined']}"
-        )
+    _check_accounting(manifest, pulled, written)
     from clip_data.versioning import stamp_manifest
 
     stamp_manifest(writer.dest)  # the dataset version (DVC md5) later stages log

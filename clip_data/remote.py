@@ -29,6 +29,7 @@ from typing import Any
 import fsspec
 
 from clip_data.errors import DestinationError
+from clip_data.files import short_error, storage_options_for
 from clip_data.shard_format import MANIFEST_NAME
 
 __all__ = ["is_remote", "join_uri", "upload_output"]
@@ -54,8 +55,6 @@ def _is_storage_error(error: Exception) -> bool:
 @contextmanager
 def _storage_errors(uri: str) -> Iterator[None]:
     """Turn storage failures into a one-line :class:`DestinationError` about ``uri``."""
-    from clip_data.sources import _short  # the same one-line form as source errors
-
     try:
         yield
     except FileExistsError:
@@ -63,7 +62,7 @@ def _storage_errors(uri: str) -> Iterator[None]:
     except Exception as error:
         if not _is_storage_error(error):
             raise
-        raise DestinationError(f"cannot write destination {uri!r}: {_short(error)}") from None
+        raise DestinationError(f"cannot write destination {uri!r}: {short_error(error)}") from None
 
 
 def _listing(fs: Any, root: str) -> list[str]:
@@ -83,8 +82,6 @@ def upload_output(
         FileExistsError: ``uri`` holds objects but no ``manifest.json`` (not an ingest output).
         DestinationError: The storage cannot be reached or written.
     """
-    from clip_data.sources import storage_options_for
-
     source = Path(local)
     names = sorted(p.name for p in source.iterdir() if p.is_file())
     if MANIFEST_NAME not in names:

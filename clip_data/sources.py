@@ -24,15 +24,10 @@ import inspect
 import io
 import itertools
 import json
-import os
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import IO, Any
-
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from clip_data.corpora import (
     read_fashion_mnist,
@@ -40,50 +35,34 @@ from clip_data.corpora import (
     read_tuxpaint,
 )
 from clip_data.errors import MissingDatasetError, SourceError
+from clip_data.files import FileBytes, storage_options_for
+from clip_data.files import file_or_loader as _file
+from clip_data.files import find_files as _find
+from clip_data.files import is_read_error as _is_read_error
+from clip_data.files import open_fs as _fs
+from clip_data.files import read_optional as _read_optional
+from clip_data.files import short_error as _short
 from clip_data.records import RawRecord
 
 __all__ = [
     "SOURCE_KINDS",
+    "FileBytes",
     "MissingDatasetError",
     "SourceError",
     "detect_kind",
     "open_source",
     "read_tar_stream",
+    "storage_options_for",
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 WDS_IMAGE_FIELDS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-_MAX_ERROR_CHARS = 300
 #: Bytes a WebDataset tar stream reads at a time (tarfile's default 10 KiB costs more calls;
 #: much larger buffers cost more, as tarfile slices its buffer on every read).
 _TAR_BUFSIZE = 1 << 16
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-#: botocore settings every ``s3://`` source or destination gets unless ``storage_options``
-#: ``config_kwargs`` sets its own: an unreachable endpoint fails within seconds, where
-#: botocore's defaults retry with backoff for a long while.
-S3_CLIENT_DEFAULTS: dict[str, Any] = {
-    "connect_timeout": 5,
-    "read_timeout": 60,
-    "retries": {"max_attempts": 2, "mode": "standard"},
-}
-
-
-def storage_options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """``storage_options`` for ``uri`` with :data:`S3_CLIENT_DEFAULTS` filled in for S3."""
-    options = dict(storage_options or {})
-    if uri.split("://", 1)[0].lower() in ("s3", "s3a"):
-        options["config_kwargs"] = {**S3_CLIENT_DEFAULTS, **options.get("config_kwargs", {})}
-    return options
-
-
-def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
-    """The fsspec filesystem for ``uri`` and the protocol-less path, trailing slash removed."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options))
-    return fs, str(path).rstrip("/") or "/"
 
 
 def _join(base: str, relative: str) -> str:
@@ -113,76 +92,6 @@ class _UniqueKeys:
         count = self._seen.get(key, 0)
         self._seen[key] = count + 1
         return key if count == 0 else f"{key}#{count}"
-
-
-def _is_local(fs: Any) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-def _read_optional(fs: Any, path: str) -> bytes | None:
-    """The bytes of ``path``, ``None`` if it does not exist (a missing image is a record).
-
-    Local files are read with ``open`` directly: fsspec's per-call path handling costs more
-    than reading a small image.
-    """
-    try:
-        if _is_local(fs):
-            with open(path, "rb") as fh:  # noqa: PTH123 - the fastest way to read a file
-                return fh.read()
-        return bytes(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-
-
-@dataclass(frozen=True)
-class FileBytes:
-    """An :class:`~clip_data.records.BytesLoader` for one file of an fsspec filesystem.
-
-    Picklable (fsspec filesystems pickle as their class and options), so an ingest worker
-    process reads the file itself. A read error other than a missing file raises a short
-    :class:`SourceError` naming the source and the file.
-    """
-
-    fs: Any
-    path: str
-    source: str
-
-    def read(self) -> bytes | None:
-        """The file's bytes, ``None`` if it does not exist."""
-        try:
-            return _read_optional(self.fs, self.path)
-        except Exception as error:
-            if not _is_read_error(error):
-                raise
-            raise SourceError(
-                f"cannot read source {self.source!r}: {self.path}: {_short(error)}"
-            ) from None
-
-
-def _file(fs: Any, path: str, source: str, lazy: bool) -> tuple[bytes | None, FileBytes | None]:
-    """``(bytes, None)``, or ``(None, loader)`` when ``lazy``: the fields of a RawRecord."""
-    if lazy:
-        return None, FileBytes(fs, path, source)
-    return _read_optional(fs, path), None
-
-
-def _find(fs: Any, root: str) -> list[str]:
-    """Sorted paths of all files under the folder ``root`` (``os.walk`` for local files)."""
-    if not _is_local(fs):
-        return sorted(str(p) for p in fs.find(root))
-    found: list[str] = []
-    for folder, _dirs, names in os.walk(root):
-        found.extend(posixpath.join(folder, name) for name in names)
-    return sorted(found)
-
-
-def _short(error: BaseException) -> str:
-    """One line naming the error and its cause; access errors get a hint."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    if isinstance(error, PermissionError):
-        text = f"access denied, check the credentials and permissions ({text})"
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
 def _list_files(fs: Any, root: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -552,15 +461,6 @@ def detect_kind(uri: str, storage_options: dict[str, Any] | None = None) -> str:
         if any(e.endswith(suffix) for e in entries):
             return _SUFFIX_KINDS[suffix]
     return "folder"
-
-
-def _is_read_error(error: Exception) -> bool:
-    """An I/O, storage or file-format error (not a bug, not already a SourceError)."""
-    if isinstance(error, SourceError):
-        return False
-    if isinstance(error, OSError | EOFError | tarfile.TarError | UnicodeError | csv.Error):
-        return True
-    return type(error).__module__.split(".")[0] in ("botocore", "aiobotocore", "pyarrow")
 
 
 def _guarded(records: Iterator[RawRecord], uri: str) -> Iterator[RawRecord]:
