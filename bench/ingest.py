@@ -5,7 +5,10 @@ decodes it with Pillow. Measured: ``clip_data.ingest.ingest`` (read, validate wi
 decode, hash, dedupe, write Parquet shards) from a folder source and from WebDataset tars,
 with 1 and 2 worker processes. Variants alternate over ``--rounds``; the median and the best
 round of each are reported, each against the same statistic of the bare decode (on a shared,
-busy machine the best round is the least disturbed one).
+busy machine the best round is the least disturbed one). The CPU columns count this process
+only (``time.process_time``): for the bare decode and the 1-worker ingests that is all the
+work, so their CPU ratio is the per-core efficiency, independent of other load; with 2 workers
+it is the parent's share (listing, writing, hashing), the part that does not scale.
 
     .venv/bin/python -m bench.ingest [--rows 2000] [--size 256] [--rounds 2]
 """
@@ -64,11 +67,11 @@ def bare_decode(folder: Path) -> int:
     return n
 
 
-def timed(fn: Callable[[], int]) -> tuple[float, int]:
-    """(seconds, rows) of one call."""
-    start = time.perf_counter()
+def timed(fn: Callable[[], int]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process, rows) of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     rows = fn()
-    return time.perf_counter() - start, rows
+    return time.perf_counter() - start, time.process_time() - cpu, rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,23 +105,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         run(folder, 2)()  # warm-up: starts the forkserver and imports once
         seconds: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, fn in variants.items():
-                elapsed, rows = timed(fn)
+                elapsed, used, rows = timed(fn)
                 if rows != args.rows:
                     raise SystemExit(f"{name}: {rows} rows accepted, expected {args.rows}")
                 seconds[name].append(elapsed)
-    base = args.rows / statistics.median(seconds["bare decode (1 core)"])
-    best_base = args.rows / min(seconds["bare decode (1 core)"])
+                cpu[name].append(used)
+    _report(args.rows, args.size, args.rounds, seconds, cpu)
+    return 0
+
+
+def _report(
+    rows: int, size: int, rounds: int, seconds: dict[str, list[float]], cpu: dict[str, list[float]]
+) -> None:
+    """Print wall rates (median and best round) and this process's CPU per row."""
+    bare = "bare decode (1 core)"
+    base, best_base = rows / statistics.median(seconds[bare]), rows / min(seconds[bare])
+    cpu_base = statistics.median(cpu[bare])
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"{args.rows} JPEGs of {args.size}x{args.size}, {args.rounds} rounds, load {load}")
-    print(f"{'variant':<30} {'median rows/s':>14} {'ratio':>7} {'best rows/s':>12} {'ratio':>7}")
+    print(f"{rows} JPEGs of {size}x{size}, {rounds} rounds, load after: {load}")
+    print(
+        f"{'variant':<30} {'median rows/s':>14} {'ratio':>7} {'best rows/s':>12} {'ratio':>7}"
+        f" {'CPU ms/row':>11} {'CPU ratio':>10}"
+    )
     for name, values in seconds.items():
-        rate, best = args.rows / statistics.median(values), args.rows / min(values)
+        rate, best = rows / statistics.median(values), rows / min(values)
+        used = statistics.median(cpu[name])
         print(
             f"{name:<30} {rate:>14.0f} {rate / base:>6.2f}x {best:>12.0f} {best / best_base:>6.2f}x"
+            f" {1000 * used / rows:>11.3f} {cpu_base / used:>9.2f}x"
         )
-    return 0
 
 
 if __name__ == "__main__":
