@@ -88,7 +88,12 @@ def load_checkpoint(
     for path in (meta_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"checkpoint {directory}: missing {path.name}")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {directory}: {META_FILE} is not valid JSON") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {directory}: {META_FILE} is not a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {directory}: unsupported format_version {version!r}")

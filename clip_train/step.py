@@ -6,7 +6,8 @@ training on the global batch. With ``accum_steps`` > 1 the update is still exact
 of every micro-batch are first computed without gradients, then each micro-batch is
 recomputed with gradients and its cached features swapped in, so the loss is always the
 loss of the full local batch against the full global batch (negatives are not lost). The
-temperature's gradient is taken from the first micro-batch only, so it counts once.
+temperature's gradient is taken from the last micro-batch only (the one DDP synchronises),
+so it counts once.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class Stepper:
                 all_txt = torch.cat(
                     [out.text_features if k == j else c.text_features for k, c in enumerate(cached)]
                 )  # [n, D]
-                scale = out.logit_scale if j == 0 else out.logit_scale.detach()
+                last = j == chunks - 1
+                scale = out.logit_scale if last else out.logit_scale.detach()
                 loss = local_rows_loss(all_img, all_txt, scale)
                 self.scaler.scale(loss).backward()
             yield loss
@@ -121,4 +123,5 @@ class Stepper:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.raw.clamp_logit_scale()
-        return StepResult(float(loss.detach()), float(self.raw.logit_scale.exp()), grad_norm)
+        scale = float(self.raw.logit_scale.detach().exp())
+        return StepResult(float(loss.detach()), scale, grad_norm)

@@ -45,6 +45,15 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
+def default_artifact_location(uri: str, experiment: str) -> str | None:
+    """For a SQLite store, artifacts beside the database (not in the working directory)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None  # a tracking server decides (e.g. --artifacts-destination s3://...)
+    db = Path(uri[len(prefix) :])
+    return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+
+
 def experiment_name(model_name: str, configured: str | None) -> str:
     """The configured experiment, or the model family's."""
     return configured or FAMILY_BY_MODEL.get(model_name, f"clip-{model_name.lower()}")
@@ -66,7 +75,13 @@ def open_run(
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(
+            experiment, artifact_location=default_artifact_location(uri, experiment)
+        )
+    )
     found = client.search_runs(
         [exp_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and attributes.status != 'FINISHED'",

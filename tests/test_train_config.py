@@ -1,0 +1,65 @@
+"""Run configs and recipes: typed sections, strict keys, the paper's numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from clip_core.registry import list_models
+from clip_train.config import RunConfig, RunConfigError, list_recipes, load_run_config
+
+PRODUCTION = ("rn50", "vit-b32", "vit-b16", "vit-l14")
+
+
+def test_all_recipes_are_bundled_and_load() -> None:
+    """Every recipe the issue names exists and names a registered model."""
+    assert set(list_recipes()) >= {"tiny", *PRODUCTION, "vit-l14-336"}
+    for name in list_recipes():
+        cfg = load_run_config(name)
+        assert cfg.model.name in list_models(), name
+
+
+@pytest.mark.parametrize("name", PRODUCTION)
+def test_production_recipes_carry_the_paper_numbers(name: str) -> None:
+    """Global batch 32,768, 32 epochs, wd 0.2, warmup 2,000, Adam (0.9, 0.98, 1e-6), bf16."""
+    cfg = load_run_config(name)
+    assert cfg.data.global_batch_size == 32768
+    assert (cfg.optim.epochs, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (32, 0.2, 2000)
+    assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps) == (0.9, 0.98, 1e-6)
+    assert cfg.precision.precision == "bf16" and cfg.infra.use_gpu
+
+
+def test_per_worker_batch_is_derived_from_the_worker_count() -> None:
+    """32,768 over 256 GPUs = 128 each; over 64 GPUs with 2 accumulation steps = 256."""
+    assert load_run_config("vit-l14").per_worker_batch == 128
+    cfg = load_run_config("vit-b32", ["infra.num_workers=64", "optim.accum_steps=2"])
+    assert cfg.per_worker_batch == 256
+
+
+def test_vit_l14_336_fine_tunes_one_epoch_from_a_checkpoint() -> None:
+    """The @336 recipe starts from a vit-l14 checkpoint and trains one epoch at 336 px."""
+    cfg = load_run_config("vit-l14-336")
+    assert cfg.model.name == "ViT-L-14-336" and cfg.model.init_from
+    assert cfg.optim.epochs == 1
+
+
+def test_unknown_keys_and_bad_values_are_errors() -> None:
+    """Typos never fall back to defaults; impossible batch splits are refused."""
+    with pytest.raises(RunConfigError, match="unknown key"):
+        load_run_config("tiny", ["optim.learning_rate=0.1"])
+    with pytest.raises(RunConfigError, match="unknown key"):
+        load_run_config("tiny", ["extra.x=1"])
+    with pytest.raises(RunConfigError, match="divisible"):
+        load_run_config("tiny", ["data.global_batch_size=127"])
+    with pytest.raises(RunConfigError, match="precision"):
+        load_run_config("tiny", ["precision.precision=fp8"])
+    with pytest.raises(RunConfigError, match="not a file and not a recipe"):
+        load_run_config("no-such-recipe")
+
+
+def test_config_round_trips_and_flattens_stably() -> None:
+    """to_dict/from_dict round-trip; flat params use section.key names."""
+    cfg = load_run_config("tiny", ["optim.lr=0.001", "infra.num_workers=4"])
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    flat = cfg.flat_params()
+    assert flat["optim.lr"] == "0.001" and flat["infra.num_workers"] == "4"
+    assert flat["seed"] == "0"

@@ -1,0 +1,79 @@
+"""The training step: 2 DDP workers == 1 process on the global batch; exact accumulation."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+from dist_workers import make_batch, make_model
+from safetensors.torch import load_file
+from train_workers import MODEL, make_stepper, step_worker
+
+N, STEPS = 8, 3
+
+
+def single_process(accum: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """STEPS steps on the full global batch (2N) in this process."""
+    raw = make_model(MODEL, 0, torch.float32)
+    stepper = make_stepper(raw, raw, accum)
+    losses = []
+    for step in range(STEPS):
+        images, tokens = make_batch(MODEL, 2 * N, seed=100 + step, dtype=torch.float32)
+        losses.append(stepper.step(images, tokens, lr=1e-3).loss)
+    return torch.tensor(losses), {k: v.detach() for k, v in raw.state_dict().items()}
+
+
+def run_distributed(tmp: Path, accum: int) -> dict[str, torch.Tensor]:
+    """2 spawned gloo processes, each with N rows per step."""
+    ctx = mp.get_context("spawn")
+    init_file = tmp / f"rendezvous-{accum}"
+    procs = [
+        ctx.Process(target=step_worker, args=(r, 2, str(init_file), str(tmp), (N, STEPS, accum)))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return load_file(str(tmp / f"dist-accum{accum}.safetensors"))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_workers_reproduce_one_process_on_the_global_batch(tmp_path: Path, accum: int) -> None:
+    """Losses of the first steps and the weights after them match within fp32 tolerance."""
+    ref_losses, ref_params = single_process(accum=1)
+    got = run_distributed(tmp_path, accum)
+    torch.testing.assert_close(got["losses"], ref_losses, rtol=1e-5, atol=1e-5)
+    init = make_model(MODEL, 0, torch.float32).state_dict()
+    moved = max(float((ref_params[k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-4  # the steps did something
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(got[f"param.{name}"], ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_accumulation_is_exact_in_one_process() -> None:
+    """accum_steps=4 gives the same update as one pass over the whole batch."""
+    losses1, params1 = single_process(accum=1)
+    losses4, params4 = single_process(accum=4)
+    torch.testing.assert_close(losses4, losses1, rtol=1e-5, atol=1e-6)
+    for name, ref in params1.items():
+        torch.testing.assert_close(params4[name], ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_naive_accumulation_would_differ() -> None:
+    """The test above can fail: per-micro-batch losses (fewer negatives) give another value."""
+    from clip_core.loss import contrastive_loss
+
+    raw = make_model(MODEL, 0, torch.float32)
+    images, tokens = make_batch(MODEL, 2 * N, seed=100, dtype=torch.float32)
+    with torch.no_grad():
+        out = raw(images, tokens)
+        full = contrastive_loss(out.image_features, out.text_features, out.logit_scale)
+        halves = [
+            contrastive_loss(out.image_features[s], out.text_features[s], out.logit_scale)
+            for s in (slice(0, N), slice(N, 2 * N))
+        ]
+    assert abs(float(full) - float(sum(halves)) / 2) > 1e-3

@@ -1,0 +1,59 @@
+"""Worker body for the multi-process training-step test (imported by spawned processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from dist_workers import make_batch, make_model
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from clip_train.config import OptimSection, PrecisionSection
+from clip_train.optim import build_optimizer
+from clip_train.step import Stepper
+
+MODEL = "tiny-vit"
+
+
+def make_stepper(model: torch.nn.Module, raw: torch.nn.Module, accum: int) -> Stepper:
+    """A CPU fp32 Stepper with the paper's optimiser over ``raw``."""
+    optim = OptimSection(lr=1e-3, warmup_steps=0, accum_steps=accum, grad_clip_norm=1.0)
+    opt = build_optimizer(raw, optim.lr, optim.weight_decay, (optim.beta1, optim.beta2), optim.eps)
+    return Stepper(
+        model,
+        raw=raw,  # type: ignore[arg-type]
+        optimizer=opt,
+        optim=optim,
+        precision=PrecisionSection(precision="fp32"),
+        device=torch.device("cpu"),
+    )
+
+
+def step_worker(
+    rank: int, world: int, init_file: str, out: str, spec: tuple[int, int, int]
+) -> None:
+    """Train ``steps`` steps on rank's n rows of each global batch; rank 0 saves the
+    mean loss per step and the final parameters to ``OUT/dist-accum<accum>.safetensors``;
+    ``spec`` is (rows per rank, steps, accumulation steps)."""
+    n, steps, accum = spec
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        raw = make_model(MODEL, 0, torch.float32)
+        stepper = make_stepper(DDP(raw), raw, accum)
+        losses = []
+        for step in range(steps):
+            images, tokens = make_batch(MODEL, n * world, seed=100 + step, dtype=torch.float32)
+            rows = slice(rank * n, (rank + 1) * n)
+            result = stepper.step(images[rows], tokens[rows], lr=1e-3)
+            loss = torch.tensor([result.loss])
+            dist.all_reduce(loss)
+            losses.append(loss / world)
+        if rank == 0:
+            tensors = {f"param.{k}": v.detach().clone() for k, v in raw.state_dict().items()}
+            tensors["losses"] = torch.cat(losses)
+            save_file(tensors, str(Path(out) / f"dist-accum{accum}.safetensors"))
+    finally:
+        dist.destroy_process_group()
