@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from clip_core import create_model
+from clip_core.model import CLIP
 from clip_core.tokenizer import ClipTokenizer
 from clip_train.optim import build_optimizer
 from clip_train.state import (
@@ -23,7 +24,7 @@ from clip_train.state import (
 )
 
 
-def _trained(tmp_path: Path) -> tuple[Path, torch.nn.Module, torch.optim.Optimizer]:
+def _trained(tmp_path: Path) -> tuple[Path, CLIP, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = create_model("tiny-vit", vision={"image_size": 32})
     opt = build_optimizer(model, 1e-3, 0.2)
@@ -98,7 +99,7 @@ def test_corrupt_files_are_named(tmp_path: Path, victim: str, damage: bytes) -> 
     (ckpt / victim).write_bytes(damage)
     with pytest.raises(TrainCheckpointError) as info:
         load_train_state(ckpt)
-    assert str(ckpt / victim.split("/")[0]) in str(info.value)
+    assert str(ckpt / victim.split("/", maxsplit=1)[0]) in str(info.value)
 
 
 def test_incompatible_model_is_refused(tmp_path: Path) -> None:
