@@ -46,7 +46,7 @@ class TrainResult:
     """What a finished run produced."""
 
     run_dir: str  # storage_path/run_name
-    final_model: str  # clip_core checkpoint of the final weights (local copy)
+    final_model: str  # clip_core checkpoint of the final weights (path or URI)
     steps: int
     samples_seen: int
     metrics: dict[str, Any]
@@ -253,23 +253,21 @@ def _publish(
 
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.infra.run_name} finished without a checkpoint")
-    local_final = Path(storage_root(cfg)) / cfg.infra.run_name / FINAL_DIR
-    if "://" in storage_root(cfg):
-        local_final = Path(".clipops") / cfg.infra.run_name / FINAL_DIR
-    with result.checkpoint.as_directory() as directory:
-        state = load_train_state(directory)
-        if local_final.exists():
-            shutil.rmtree(local_final)
-        local_final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(Path(directory) / "model", local_final)
-    if "://" in storage_root(cfg):
-        fs, path = fsspec.core.url_to_fs(f"{_run_dir(cfg)}/{FINAL_DIR}")
+    final_uri = f"{_run_dir(cfg)}/{FINAL_DIR}"
+    with tempfile.TemporaryDirectory(prefix="clipops-final-") as tmp:
+        with result.checkpoint.as_directory() as directory:
+            state = load_train_state(directory)
+            local_final = Path(tmp) / FINAL_DIR
+            shutil.copytree(Path(directory) / "model", local_final)
+        fs, path = fsspec.core.url_to_fs(final_uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
         fs.put(str(local_final), path, recursive=True)
-    finish_run(target, "FINISHED", {"checkpoint": local_final})
-    log(f"finished {state.progress.step} steps; final model {local_final}")
+        finish_run(target, "FINISHED", {"checkpoint": local_final})
+    log(f"finished {state.progress.step} steps; final model {final_uri}")
     return TrainResult(
         run_dir=_run_dir(cfg),
-        final_model=str(local_final),
+        final_model=final_uri,
         steps=state.progress.step,
         samples_seen=state.progress.samples_seen,
         metrics=dict(result.metrics or {}),
