@@ -77,3 +77,16 @@ def test_naive_accumulation_would_differ() -> None:
             for s in (slice(0, N), slice(N, 2 * N))
         ]
     assert abs(float(full) - float(sum(halves)) / 2) > 1e-3
+
+
+def test_gradient_checkpointing_gives_the_same_update() -> None:
+    """precision.grad_checkpointing trades compute for memory, not results."""
+    _, plain = single_process(accum=1)
+    raw = make_model(MODEL, 0, torch.float32)
+    raw.set_grad_checkpointing(True)  # type: ignore[operator]
+    stepper = make_stepper(raw, raw, 1)
+    for step in range(STEPS):
+        images, tokens = make_batch(MODEL, 2 * N, seed=100 + step, dtype=torch.float32)
+        stepper.step(images, tokens, lr=1e-3)
+    for name, ref in plain.items():
+        torch.testing.assert_close(raw.state_dict()[name], ref, rtol=1e-4, atol=1e-5, msg=name)
