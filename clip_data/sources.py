@@ -285,6 +285,21 @@ def _wds_record(key: str, fields: dict[str, bytes], source: str, split: str) -> 
     return RawRecord(key, image, fields.get("txt"), source, split, extra)
 
 
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The content of a regular, non-sparse member of a stream-mode tar, read in one call.
+
+    The stream stands at the member's data when the member is returned; tarfile skips to the
+    next header itself. This avoids ``extractfile``'s per-member file wrappers.
+    """
+    if member.sparse is not None or tar.fileobj is None:
+        handle = tar.extractfile(member)
+        return handle.read() if handle is not None else b""
+    data = tar.fileobj.read(member.size)
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"unexpected end of data in member {member.name!r}")
+    return bytes(data)
+
+
 def read_tar_stream(
     fileobj: IO[bytes], source: str, *, split: str = "train", shard: str = ""
 ) -> Iterator[RawRecord]:
@@ -314,8 +329,7 @@ def read_tar_stream(
                 if current is not None:
                     yield _wds_record(current, fields, source, split)
                 current, fields = key, {}
-            handle = tar.extractfile(member)
-            fields[field.lower()] = handle.read() if handle is not None else b""
+            fields[field.lower()] = _member_bytes(tar, member)
     if current is not None:
         yield _wds_record(current, fields, source, split)
 

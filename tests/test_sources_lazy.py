@@ -1,4 +1,5 @@
-"""Lazy image reads: sources hand out loaders, ingest workers read the files themselves."""
+"""Lazy image reads (sources hand out loaders, ingest workers read the files themselves)
+and the WebDataset stream reader's direct member reads."""
 
 from __future__ import annotations
 
@@ -90,3 +91,26 @@ def test_ingest_worker_read_error_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"05\.png"):
         ingest(str(src / "data.csv"), dest, IngestConfig(workers=2, chunk_size=2), progress=False)
     assert not dest.exists()
+
+
+def test_tar_members_read_in_one_call_and_truncation_is_an_error(tmp_path: Path) -> None:
+    """Member bytes are read straight from the stream; a tar cut inside a member fails."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("a.png", _png(1)), ("a.txt", b"cap a"), ("b.png", _png(2))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole = buf.getvalue()
+    (tmp_path / "ok.tar").write_bytes(whole)
+    records = list(open_source(str(tmp_path / "ok.tar")))
+    assert [(r.key, r.image, r.caption) for r in records] == [
+        ("a", _png(1), b"cap a"),
+        ("b", _png(2), None),
+    ]
+    cut = whole.index(_png(2)) + 10  # inside b.png's data
+    (tmp_path / "cut.tar").write_bytes(whole[:cut])
+    with pytest.raises(SourceError, match="cannot read source"):
+        list(open_source(str(tmp_path / "cut.tar")))
