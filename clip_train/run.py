@@ -212,7 +212,7 @@ def train(
     )
     if not ray.is_initialized():
         ray.init(
-            address=cfg.infra.ray_address,
+            address=cfg.infra.ray_address or "local",  # never join a stranger's cluster
             num_cpus=None if cfg.infra.ray_address else cfg.infra.local_cpus,
             log_to_driver=False,
         )
