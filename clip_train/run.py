@@ -54,10 +54,14 @@ class TrainResult:
     dataset_version: str | None
 
 
-def storage_root(cfg: RunConfig) -> str:
-    """``infra.storage_path`` as an absolute path or URI (Ray workers chdir elsewhere)."""
-    path = cfg.infra.storage_path
+def absolute_uri(path: str) -> str:
+    """A URI unchanged, a local path made absolute (Ray workers chdir elsewhere)."""
     return path if "://" in path else str(Path(path).resolve())
+
+
+def storage_root(cfg: RunConfig) -> str:
+    """``infra.storage_path`` as an absolute path or URI."""
+    return absolute_uri(cfg.infra.storage_path)
 
 
 def _run_dir(cfg: RunConfig) -> str:
@@ -111,8 +115,9 @@ def _validate_inputs(cfg: RunConfig, resume_from: str | None) -> None:
 def plan(cfg: RunConfig, resume_from: str | None = None) -> tuple[JobSpec, list[str], str | None]:
     """Resolve data, tokenizer, model config and step counts (no Ray, no tracking)."""
     _validate_inputs(cfg, resume_from)
-    manifest = read_manifest_any(cfg.data.shards)
-    urls = shard_urls(cfg.data.shards, manifest)
+    shards = absolute_uri(cfg.data.shards)  # Ray workers run in another directory
+    manifest = read_manifest_any(shards)
+    urls = shard_urls(shards, manifest)
     rows = split_rows(manifest, cfg.data.split)
     steps_per_epoch = rows // cfg.data.global_batch_size
     if steps_per_epoch == 0:
