@@ -2,15 +2,16 @@
 
 Baseline (same session, same files): one Python loop that reads each image file and fully
 decodes it with Pillow. Measured: ``clip_data.ingest.ingest`` (read, validate with a full
-decode, hash, dedupe, write Parquet shards) from a folder source and from WebDataset tars,
-with 1 and 2 worker processes. Variants alternate over ``--rounds``; the median and the best
-round of each are reported, each against the same statistic of the bare decode (on a shared,
-busy machine the best round is the least disturbed one). The CPU columns count this process
-only (``time.process_time``): for the bare decode and the 1-worker ingests that is all the
-work, so their CPU ratio is the per-core efficiency, independent of other load; with 2 workers
-it is the parent's share (listing, writing, hashing), the part that does not scale.
+decode, hash, dedupe, write Parquet shards) from a folder source and from WebDataset tars, with
+1 and 2 worker processes (with 2 workers and several tars, each worker streams whole tars
+itself: :mod:`clip_data.wds_ingest`). Variants alternate over ``--rounds``; the median and the
+best round of each are reported, each against the same statistic of the bare decode (on a
+shared, busy machine the best round is the least disturbed one). The CPU columns count this
+process only (``time.process_time``): for the bare decode and the 1-worker ingests that is all
+the work, so their CPU ratio is the per-core efficiency, independent of other load; with 2
+workers it is the parent's share (listing, writing, hashing), the part that does not scale.
 
-    .venv/bin/python -m bench.ingest [--rows 2000] [--size 256] [--rounds 2]
+    .venv/bin/python -m bench.ingest [--rows 2000] [--size 256] [--rounds 2] [--tars 8]
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ from pathlib import Path
 from PIL import Image
 
 
-def make_sources(root: Path, rows: int, size: int) -> tuple[Path, Path]:
-    """A folder of JPEGs with .txt captions and the same pairs as 4 WebDataset tars."""
+def make_sources(root: Path, rows: int, size: int, tars: int = 8) -> tuple[Path, Path]:
+    """A folder of JPEGs with .txt captions and the same pairs as ``tars`` WebDataset tars
+    (sample ``i`` in tar ``i % tars``, as img2dataset spreads samples over many shards)."""
     folder, shards = root / "folder", root / "wds"
     folder.mkdir()
     shards.mkdir()
     with contextlib.ExitStack() as stack:
-        tars = [stack.enter_context(tarfile.open(shards / f"{i:05d}.tar", "w")) for i in range(4)]
-        _fill(folder, tars, rows, size)
+        files = [
+            stack.enter_context(tarfile.open(shards / f"{i:05d}.tar", "w")) for i in range(tars)
+        ]
+        _fill(folder, files, rows, size)
     return folder, shards
 
 
@@ -54,7 +58,7 @@ def _fill(folder: Path, tars: list[tarfile.TarFile], rows: int, size: int) -> No
         for name, data in ((f"{key}.jpg", image), (f"{key}.txt", caption)):
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            tars[i % 4].addfile(info, io.BytesIO(data))
+            tars[i % len(tars)].addfile(info, io.BytesIO(data))
 
 
 def bare_decode(folder: Path) -> int:
@@ -80,13 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tars", type=int, default=8, help="WebDataset shards (default 8)")
     args = p.parse_args(argv)
 
     from clip_data.ingest import IngestConfig, ingest
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        folder, shards = make_sources(root, args.rows, args.size)
+        folder, shards = make_sources(root, args.rows, args.size, args.tars)
 
         def run(source: Path, workers: int) -> Callable[[], int]:
             def go() -> int:
@@ -113,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise SystemExit(f"{name}: {rows} rows accepted, expected {args.rows}")
                 seconds[name].append(elapsed)
                 cpu[name].append(used)
+    print(f"WebDataset source: {args.tars} tar shards")
     _report(args.rows, args.size, args.rounds, seconds, cpu)
     return 0
 

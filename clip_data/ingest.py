@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -56,6 +56,7 @@ from clip_data.shards import (
     ShardWriter,
     read_manifest,
 )
+from clip_data.wds_ingest import TarPlan, check_tars, plan_tars
 
 __all__ = ["IngestConfig", "IngestFailed", "bad_fraction", "ingest", "ingest_records", "summarize"]
 
@@ -239,6 +240,25 @@ def _check_stream(
         executor.shutdown(wait=True, cancel_futures=True)
 
 
+class _TarStream:
+    """The results of a :class:`~clip_data.wds_ingest.TarPlan`, shards checked in a pool."""
+
+    def __init__(self, plan: TarPlan, config: IngestConfig) -> None:
+        self.plan = plan
+        self.config = config
+        self.read = 0  # records the workers read, known once the results are exhausted
+
+    def results(self) -> Generator[CheckedRecord | Rejection, None, None]:
+        """Every result in source order; at most ``workers + 1`` shards in flight."""
+        executor = _executor(self.config.workers)
+        try:
+            stream = check_tars(self.plan, self.config.checks, executor, self.config.workers + 1)
+            yield from stream
+            self.read = stream.read
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
 # ------------------------------------------------------------------------- progress
 
 
@@ -337,30 +357,59 @@ def ingest_records(
     """
     if not isinstance(config, IngestConfig):
         raise TypeError(f"config must be an IngestConfig, got {type(config).__name__}")
-    if is_remote(dest):
-        return _ingest_remote(
-            records,
-            str(dest),
-            config,
-            source_desc=source_desc,
-            progress=progress,
-            storage_options=storage_options,
-        )
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    meter = _Progress(sys.stderr, show)
-    pulled = 0
+    counter = _Counted(records)
+    return _ingest_checked(
+        lambda: _check_stream(counter, config),
+        lambda: counter.pulled,
+        dest,
+        config,
+        _Output(source_desc, progress, storage_options),
+    )
 
-    def counted() -> Iterator[RawRecord]:
-        nonlocal pulled
-        for record in records:
-            pulled += 1
+
+class _Counted:
+    """An iterable that counts the records pulled through it."""
+
+    def __init__(self, records: Iterable[RawRecord]) -> None:
+        self.records = records
+        self.pulled = 0
+
+    def __iter__(self) -> Iterator[RawRecord]:
+        for record in self.records:
+            self.pulled += 1
             yield record
 
+
+@dataclass(frozen=True)
+class _Output:
+    """Where and how :func:`_ingest_checked` reports: manifest source, progress, storage."""
+
+    source_desc: dict[str, Any] | None
+    progress: bool | None
+    storage_options: dict[str, Any] | None
+
+
+def _ingest_checked(
+    check: Callable[[], Generator[CheckedRecord | Rejection, None, None]],
+    pulled: Callable[[], int],
+    dest: str | os.PathLike[str],
+    config: IngestConfig,
+    output: _Output,
+) -> Manifest:
+    """Write the results of ``check()`` to ``dest`` (see :func:`ingest_records`).
+
+    ``check`` starts the checking (called once, when writing starts); ``pulled`` returns the
+    number of records read from the source once the results are exhausted.
+    """
+    if is_remote(dest):
+        return _ingest_remote(check, pulled, str(dest), config, output)
+    show = sys.stderr.isatty() if output.progress is None else bool(output.progress)
+    meter = _Progress(sys.stderr, show)
     written = quarantined = 0
-    results = _check_stream(counted(), config)
+    results = check()
     try:
         # check_record hashed the very bytes it returned: no need to hash them again here.
-        settings = _manifest_config(config, source_desc)
+        settings = _manifest_config(config, output.source_desc)
         with ShardWriter(dest, config.shards, settings, verify_sha256=False) as writer:
             for result in results:
                 if isinstance(result, Rejection):
@@ -377,7 +426,7 @@ def ingest_records(
     if manifest is None:  # ShardWriter.close sets it on a clean exit
         raise AssertionError("ShardWriter closed without a manifest")
 
-    _check_accounting(manifest, pulled, written)
+    _check_accounting(manifest, pulled(), written)
     from clip_data.versioning import stamp_manifest
 
     stamp_manifest(writer.dest)  # the dataset version (DVC md5) later stages log
@@ -388,19 +437,19 @@ def ingest_records(
 
 
 def _ingest_remote(
-    records: Iterable[RawRecord],
+    check: Callable[[], Generator[CheckedRecord | Rejection, None, None]],
+    pulled: Callable[[], int],
     dest: str,
     config: IngestConfig,
-    *,
-    source_desc: dict[str, Any] | None,
-    progress: bool | None,
-    storage_options: dict[str, Any] | None,
+    output: _Output,
 ) -> Manifest:
-    """:func:`ingest_records` to a URL: stage in a temporary directory, then upload."""
+    """:func:`_ingest_checked` to a URL: stage in a temporary directory, then upload."""
+    storage_options = output.storage_options
     with tempfile.TemporaryDirectory(prefix="clipops-ingest-") as stage:
         local = Path(stage) / "output"
+        local_output = dataclasses.replace(output, storage_options=None)
         try:
-            manifest = ingest_records(records, local, config, source_desc, progress)
+            manifest = _ingest_checked(check, pulled, local, config, local_output)
         except IngestFailed as failed:  # still published, as for a local destination
             upload_output(local, dest, storage_options)
             raise IngestFailed(failed.manifest, dest, config.max_bad_fraction) from None
@@ -436,12 +485,25 @@ def ingest(
     kind or option, or a source that cannot be read) and are recorded in the manifest
     (``storage_options`` by key names only). ``dest_storage_options``: fsspec options of a
     URL ``dest`` (never recorded). See :func:`ingest_records` for the rest.
+
+    A WebDataset source of two or more ``.tar`` shards with ``config.workers > 1`` is read by
+    the workers, whole shards each (:mod:`clip_data.wds_ingest`; at most
+    ``config.workers + 1`` shards in flight); the output is the same, byte for byte. One
+    shard, or one worker, is read here and checked in chunks like any other source.
     """
+    desc = {"uri": source, "kind": kind, "options": _describe_options(source_options)}
+    output = _Output(desc, progress, dest_storage_options)
+    if not isinstance(config, IngestConfig):
+        raise TypeError(f"config must be an IngestConfig, got {type(config).__name__}")
+    plan = plan_tars(source, kind, config.workers, source_options)
+    if plan is not None:  # several tar shards: each worker streams whole shards itself
+        tars = _TarStream(plan, config)
+        return _ingest_checked(tars.results, lambda: tars.read, dest, config, output)
+
     from clip_data.sources import open_source
 
     # Image files are read where they are checked (in the workers), not in this process.
     records = open_source(source, kind, lazy_images=True, **source_options)
-    desc = {"uri": source, "kind": kind, "options": _describe_options(source_options)}
     return ingest_records(
         records,
         dest,

@@ -49,8 +49,11 @@ __all__ = [
     "FileBytes",
     "MissingDatasetError",
     "SourceError",
+    "WdsKeys",
     "detect_kind",
+    "list_tar_shards",
     "open_source",
+    "read_tar_shard",
     "read_tar_stream",
     "storage_options_for",
 ]
@@ -334,27 +337,69 @@ def read_tar_stream(
         yield _wds_record(current, fields, source, split)
 
 
+class WdsKeys:
+    """Makes the keys of a WebDataset source unique across its shards, in shard order.
+
+    A key already seen in an earlier shard (or earlier in the same one) is prefixed with the
+    shard's file name (``b.tar/k``), a repeat of that with ``#n``. Call it on every record's
+    key, shard by shard in sorted order and members in stream order.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._unique = _UniqueKeys()
+
+    def __call__(self, key: str, shard_name: str) -> str:
+        """The unique key for ``key`` read from the shard file named ``shard_name``."""
+        if key in self._seen:
+            key = self._unique(f"{shard_name}/{key}")
+        self._seen.add(key)
+        return key
+
+
+def list_tar_shards(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, list[str]]:
+    """The fsspec filesystem of ``uri`` and its ``.tar`` shards, sorted.
+
+    Raises ``SourceError`` when there are none.
+    """
+    fs, root = _fs(uri, storage_options)
+    shards = _list_files(fs, root, (".tar",))
+    if not shards:
+        raise SourceError(f"no .tar shards in {uri!r}")
+    return fs, shards
+
+
+def _shard_records(fs: Any, shard: str, uri: str, split: str) -> Iterator[RawRecord]:
+    """The records of one tar shard with their in-shard keys (see :func:`read_tar_stream`)."""
+    with fs.open(shard, "rb") as handle:
+        name = posixpath.basename(shard)
+        yield from read_tar_stream(handle, uri, split=split, shard=f"{name}/")
+
+
+def read_tar_shard(fs: Any, shard: str, uri: str, *, split: str = "train") -> Iterator[RawRecord]:
+    """One shard of a WebDataset source as :func:`read_webdataset` reads it, before the keys
+    are made unique across shards (:class:`WdsKeys`); read errors raise a short
+    :class:`SourceError` naming ``uri``, as :func:`open_source` does. Used by ingest workers
+    that each stream whole shards.
+    """
+    return _guarded(_shard_records(fs, shard, uri, split), uri)
+
+
 def read_webdataset(
     uri: str, *, storage_options: dict[str, Any] | None = None, split: str = "train"
 ) -> Iterator[RawRecord]:
     """WebDataset shards: one ``.tar``, a folder of them, or a glob, in sorted order.
 
     Keys are the tar keys; a key already seen in an earlier shard is prefixed with the shard's
-    file name so keys stay unique within the source.
+    file name so keys stay unique within the source (:class:`WdsKeys`).
     """
-    fs, root = _fs(uri, storage_options)
-    shards = _list_files(fs, root, (".tar",))
-    if not shards:
-        raise SourceError(f"no .tar shards in {uri!r}")
-    seen: set[str] = set()
-    unique = _UniqueKeys()
+    fs, shards = list_tar_shards(uri, storage_options)
+    keys = WdsKeys()
     for shard in shards:
         name = posixpath.basename(shard)
-        with fs.open(shard, "rb") as handle:
-            for record in read_tar_stream(handle, uri, split=split, shard=f"{name}/"):
-                key = record.key if record.key not in seen else unique(f"{name}/{record.key}")
-                seen.add(key)
-                yield dataclasses.replace(record, key=key) if key != record.key else record
+        for record in _shard_records(fs, shard, uri, split):
+            key = keys(record.key, name)
+            yield dataclasses.replace(record, key=key) if key != record.key else record
 
 
 # --------------------------------------------------------------------------- parquet
