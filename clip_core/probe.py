@@ -29,8 +29,9 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +46,50 @@ ArrayLike = npt.ArrayLike | torch.Tensor
 COARSE_GRID: tuple[float, ...] = tuple(10.0**e for e in range(-6, 7, 2))
 C_MIN, C_MAX = 1e-6, 1e6
 FEW_SHOT_KS: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+class FeatureModel(Protocol):
+    """CLIP's two image outputs: pooled features [B, W] and projected embeddings [B, D]."""
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Features before the projection."""
+        ...
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings after the projection."""
+        ...
+
+
+@torch.no_grad()
+def extract_features(
+    model: FeatureModel,
+    images: Iterable[torch.Tensor],
+    *,
+    projected: bool = False,
+    device: str | torch.device = "cpu",
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Frozen image features [N, F] on CPU, one batch [B, 3, R, R] in memory at a time.
+
+    ``projected=False`` (the paper's choice) takes the pooled features before the
+    projection; ``projected=True`` the (unnormalised) embeddings after it. The model is put
+    in eval mode for the call and its previous mode restored.
+    """
+    was_training = bool(getattr(model, "training", False))
+    set_mode = getattr(model, "train", None)
+    if callable(set_mode):
+        set_mode(False)
+    encode = model.encode_image if projected else model.image_features
+    try:
+        chunks = []
+        for batch in images:
+            chunks.append(encode(batch.to(device)).float().cpu())  # [B, F]
+            if on_batch is not None:
+                on_batch(batch.shape[0])
+    finally:
+        if callable(set_mode):
+            set_mode(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)  # [N, F]
 
 
 def _array(x: ArrayLike, dtype: type = np.float64) -> np.ndarray:
@@ -260,7 +305,9 @@ def few_shot_probe(
     """k-shot probes for each k in ``ks`` and seed: test top-1 accuracies.
 
     Either a fixed ``c`` (scikit-learn's C) or a validation split (``val_x``, ``val_y``) to
-    sweep it on for each k and seed (see the module docstring).
+    sweep it on for each k and seed (see the module docstring); the sweep defaults to one
+    refinement round (instead of :func:`linear_probe`'s three) as it runs len(ks) x len(seeds)
+    times.
     """
     if c is None and (val_x is None or val_y is None):
         raise ValueError("few_shot_probe needs a fixed C or a validation split to sweep C on")

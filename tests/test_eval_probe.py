@@ -6,14 +6,17 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from clip_core import create_model
 from clip_core.probe import (
     COARSE_GRID,
     effective_data_efficiency,
+    extract_features,
     few_shot_probe,
     linear_probe,
     sample_k_shot,
@@ -21,7 +24,7 @@ from clip_core.probe import (
     sweep_c,
 )
 
-MAX_ITER = 200
+MAX_ITER = 100
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
 
@@ -119,3 +122,18 @@ def test_effective_data_efficiency() -> None:
     )
     with pytest.raises(ValueError):
         effective_data_efficiency([2, 1], [0.1, 0.2], 0.5)
+
+
+def test_extract_features_before_and_after_projection() -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny-vit").eval()
+    images = torch.randn(5, 3, model.image_size, model.image_size)  # [N, 3, R, R]
+    seen: list[int] = []
+    feats = extract_features(model, images.split(2), on_batch=seen.append)
+    assert seen == [2, 2, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(feats, model.image_features(images), atol=1e-5, rtol=1e-4)
+        proj = extract_features(model, images.split(2), projected=True)
+        torch.testing.assert_close(proj, model.encode_image(images), atol=1e-5, rtol=1e-4)
+    assert feats.shape == (5, model.config.vision.width)
+    assert proj.shape == (5, model.config.embed_dim)
