@@ -98,7 +98,7 @@ def _array(x: ArrayLike, dtype: type = np.float64) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-class _Standardizer:
+class Standardizer:
     """z-score with statistics of the fit data (identity when disabled)."""
 
     def __init__(self, x: FloatArray, enabled: bool) -> None:
@@ -112,10 +112,10 @@ class _Standardizer:
 
 def fit_logistic(
     x: ArrayLike, y: ArrayLike, *, c: float, max_iter: int = 1000, standardize: bool = True
-) -> tuple[LogisticRegression, _Standardizer]:
+) -> tuple[LogisticRegression, Standardizer]:
     """Fit L2 logistic regression (lbfgs) on features x [N, F] and labels y [N]."""
     xa, ya = _array(x), _array(y, np.int64)
-    scaler = _Standardizer(xa, standardize)
+    scaler = Standardizer(xa, standardize)
     clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -124,7 +124,7 @@ def fit_logistic(
 
 
 def probe_metrics(
-    clf: LogisticRegression, scaler: _Standardizer, x: ArrayLike, y: ArrayLike
+    clf: LogisticRegression, scaler: Standardizer, x: ArrayLike, y: ArrayLike
 ) -> dict[str, float]:
     """``top1``, ``top5`` (with >= 5 classes) and ``mean_per_class_recall`` on (x, y)."""
     from clip_core.zeroshot import classification_metrics

@@ -11,6 +11,10 @@ notebook (7 templates, chosen by the paper's authors from the 80 as the best sub
 :data:`DATASET_TEMPLATES` gives per-dataset examples in the style of the paper (e.g.
 ``"a photo of a {}, a type of pet."``). :func:`templates_for` picks the per-dataset list when
 one exists and the ImageNet short list otherwise.
+
+Devices: :func:`build_classifier` passes ``tokenize``'s output straight to ``encode_text``;
+for a model on an accelerator pass a ``tokenize`` that moves the tokens there, e.g.
+``lambda texts: tokenizer(texts).to(device)``.
 """
 
 from __future__ import annotations
