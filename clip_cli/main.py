@@ -147,6 +147,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from clip_core.checkpoint import CheckpointError
+    from clip_eval.datasets import DatasetError
+    from clip_eval.report import headline, write_report
+    from clip_eval.suite import SuiteError, load_suite, run_suite
+
+    out = Path(args.out)
+    try:
+        suite = load_suite(args.suite)
+        records = run_suite(
+            args.model,
+            suite,
+            cache_dir=args.cache_dir or out / "feature_cache",
+            tokenizer=args.tokenizer,
+            progress=args.progress,
+            on_record=lambda r: print(f"{r['dataset']} {r['task']}: {headline(r)}", flush=True),
+        )
+    except (SuiteError, DatasetError, CheckpointError, FileNotFoundError) as exc:
+        print(f"clipops eval: error: {exc}", file=sys.stderr)
+        return 2
+    written = write_report(records, out)
+    print(f"results: {written['results']}  summary: {written['summary']}")
+    if written["plots_error"]:
+        print(f"clipops eval: no plots: {written['plots_error']}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
@@ -212,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="ingest output directory (validation.json is written there)")
     p.add_argument("--config", default=None, help="thresholds file (.yaml/.yml or .json)")
     p.set_defaults(handler=_cmd_validate)
+
+    p = sub.add_parser("eval", help="run an evaluation suite on a checkpoint")
+    p.add_argument(
+        "--model", required=True, help="checkpoint directory or OpenAI-format .pt/.safetensors"
+    )
+    p.add_argument(
+        "--suite", default="default", help="suite YAML (default: the bundled default suite)"
+    )
+    p.add_argument("--out", default="runs/eval", help="output directory (default: runs/eval)")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
+    p.add_argument("--tokenizer", default=None, help="BPE merges file (OpenAI-format weights)")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.set_defaults(handler=_cmd_eval)
     return parser
 
 
