@@ -30,6 +30,7 @@ tasks:
   - {dataset: sklearn-digits, task: linear_probe, dataset_options: {limit: 90},
      options: {refine_rounds: 0}}
 """
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 REQUIRED = {
     "dataset",
     "model",

@@ -25,6 +25,7 @@ from clip_eval.suite import (
     run_suite,
 )
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 SMALL = {"n_train": 40, "n_test": 24}
 
 
@@ -164,3 +165,30 @@ def test_retrieval_and_text_tasks_need_a_tokenizer(tiny: EvalModel) -> None:
     blind = EvalModel(tiny.model, None, tiny.sha256, "blind")
     with pytest.raises(SuiteError, match="tokenizer"):
         run_suite(blind, suite)
+
+
+def test_openai_format_weights_with_and_without_tokenizer(tiny: EvalModel, tmp_path: Path) -> None:
+    weights = tmp_path / "model.pt"
+    torch.save(tiny.model.state_dict(), weights)
+    assert tiny.tokenizer is not None
+    tiny.tokenizer.save(tmp_path / "merges.txt.gz")
+    probe = parse_suite(
+        _suite(
+            {
+                "dataset": "synthetic-test",
+                "task": "linear_probe",
+                "dataset_options": SMALL,
+                "options": {"refine_rounds": 0},
+            }
+        )
+    )
+    (record,) = run_suite(weights, probe)  # image-only task: no tokenizer needed
+    assert record["model"] == "model.pt" and len(record["checkpoint_sha256"]) == 64
+    zero_shot = parse_suite(
+        _suite({"dataset": "synthetic-test", "task": "zero_shot", "dataset_options": SMALL})
+    )
+    with pytest.raises(SuiteError, match="tokenizer"):
+        run_suite(weights, zero_shot)
+    (zs,) = run_suite(weights, zero_shot, tokenizer=tmp_path / "merges.txt.gz")
+    (direct,) = run_suite(tiny, zero_shot)
+    assert zs["metrics"]["top1"] == pytest.approx(direct["metrics"]["top1"])
