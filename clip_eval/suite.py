@@ -13,7 +13,9 @@ Suite file::
 Unknown keys anywhere raise :class:`SuiteError`. :func:`run_suite` loads the model (a
 ``clip_core`` checkpoint directory, or OpenAI-format ``.pt``/``.safetensors`` weights with a
 tokenizer merges file), runs every task and returns the records. Probe features are cached
-on disk as ``.npz`` (``allow_pickle=False``) keyed by weights hash + dataset + layer + split.
+on disk as ``.npz`` (``allow_pickle=False``) keyed by the weights hash, the dataset name and
+options, the split, a hash of the split's labels and image contents, and the layer
+(``pre``/``proj``).
 """
 
 from __future__ import annotations
@@ -181,6 +183,18 @@ def _batches(images: Sequence[Any], resolution: int, batch_size: int) -> Iterato
         yield torch.stack([transform(im) for im in pil])  # [B, 3, R, R]
 
 
+def _split_digest(split: Split) -> str:
+    """Hash of a split's labels and image contents (bytes, or PIL mode/size/pixels)."""
+    h = hashlib.sha256(str(split.labels).encode())
+    for image in split.images:
+        if isinstance(image, bytes):
+            h.update(image)
+        else:
+            h.update(f"{image.mode}{image.size}".encode())
+            h.update(image.tobytes())
+    return h.hexdigest()[:12]
+
+
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -207,7 +221,7 @@ class Runner:
     ) -> np.ndarray:
         """Image features [N, F] (before or after projection), from the disk cache if there."""
         layer = "proj" if projected else "pre"
-        digest = hashlib.sha256(str(split.labels).encode()).hexdigest()[:8]
+        digest = _split_digest(split)
         key = f"{self.model.sha256[:16]}-{dataset.fingerprint}-{split_name}-{digest}-{layer}"
         path = None if self.cache_dir is None else self.cache_dir / f"{key}.npz"
         if path is not None and path.is_file():
