@@ -156,6 +156,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from clip_eval.suite import SuiteError, load_suite, run_suite
 
     out = Path(args.out)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         suite = load_suite(args.suite)
         records = run_suite(
@@ -253,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
     p.add_argument("--tokenizer", default=None, help="BPE merges file (OpenAI-format weights)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (1 is fastest for tiny models on a busy machine)",
+    )
     p.set_defaults(handler=_cmd_eval)
     return parser
 
