@@ -212,6 +212,7 @@ def _train_epoch(
     batches = shard.iter_torch_batches(
         batch_size=local_batch,
         drop_last=True,
+        prefetch_batches=4,  # keep decoded batches ready across row-group boundaries
         local_shuffle_buffer_size=cfg.data.shuffle_buffer,
         local_shuffle_seed=shuffle_seed(cfg.seed, progress.epoch, rank),
         device=stepper.device,
