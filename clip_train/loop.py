@@ -14,7 +14,6 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -180,6 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 rank=rank,
                 local_batch=local_batch,
                 logger=logger,
+                tokenizer=tokenizer,
+                run_info=run_info,
             )
             if progress.step >= job.total_steps:
                 break
@@ -207,6 +208,8 @@ def _train_epoch(
     rank: int,
     local_batch: int,
     logger: StepLogger,
+    tokenizer: ClipTokenizer,
+    run_info: dict[str, Any],
 ) -> Progress:
     """Train the rest of ``progress.epoch``; returns the progress at its end."""
     batches = shard.iter_torch_batches(
@@ -218,7 +221,6 @@ def _train_epoch(
         device=stepper.device,
     )
     skip, o = progress.batch_in_epoch, cfg.optim
-    tokenizer = ClipTokenizer.from_merges(job.merges, context_length=job.context_length)
     waited, t0 = 0.0, time.perf_counter()
     for index, batch in enumerate(batches):
         if index < skip:
@@ -250,7 +252,6 @@ def _train_epoch(
         if progress.step % cfg.tracking.log_every == 0 or progress.step == 1:
             logger.log(metrics, progress.step)
         if progress.step % cfg.checkpoint.every_steps == 0 and progress.step < job.total_steps:
-            run = {"world_size": job_world(), "final": False}
             _report(
                 progress,
                 metrics=metrics,
@@ -258,19 +259,7 @@ def _train_epoch(
                 model=stepper.raw,
                 tokenizer=tokenizer,
                 stepper=stepper,
-                run=run,
+                run={**run_info, "final": False},
             )
         t0 = time.perf_counter()
     return progress
-
-
-def job_world() -> int:
-    """World size of the current Ray Train run."""
-    import ray.train
-
-    return int(ray.train.get_context().get_world_size())
-
-
-def latest_model_dir(checkpoint_dir: str | Path) -> Path:
-    """The clip_core model inside a training checkpoint directory."""
-    return Path(checkpoint_dir) / "model"
