@@ -1,0 +1,1 @@
+"""MLflow model logging, registration, promotion and serving for CLIP checkpoints."""
