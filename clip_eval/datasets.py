@@ -20,7 +20,9 @@ User datasets (anything else is a URI):
   (``train``/``test``) and a ``caption`` column (``|``-separated captions, for retrieval).
 
 ``classnames`` and ``templates`` options name text files (one entry a line) that override
-the defaults. Without a train split, probes split the test data (see :func:`split_for_probe`).
+the defaults. Class names either contain every label found, or give display names for the
+sorted labels (e.g. WordNet-id folders), one per line in that order.
+Without a train split, probes split the test data (see :func:`split_for_probe`).
 """
 
 from __future__ import annotations
@@ -366,7 +368,19 @@ def _user(uri: str, options: dict[str, Any]) -> EvalDataset:
     else:
         classnames = tuple(found)
 
+    by_order: dict[str, int] = {}
+    if o["classnames"] is not None and not set(found) <= set(classnames):
+        # display names for the sorted folder/label names (torchvision's ImageFolder order)
+        if len(found) != len(classnames):
+            raise DatasetError(
+                f"dataset {uri!r}: classnames file {o['classnames']!r} has {len(classnames)} "
+                f"names for {len(found)} classes {found[:5]}..."
+            )
+        by_order = {n: i for i, n in enumerate(found)}
+
     def label(name: str) -> int:
+        if name in by_order:
+            return by_order[name]
         if name in classnames:
             return classnames.index(name)
         if name.isdigit() and int(name) < len(classnames):

@@ -331,7 +331,8 @@ def _linear_probe(run: Runner, ds: EvalDataset, task: Task) -> dict[str, Any]:
         refine_rounds=int(o["refine_rounds"]),
         seed=int(o["seed"]),
     )
-    metrics = {**result.metrics, "C": result.C, "train_examples": len(ytr)}
+    sweep = {f"{c:.6g}": acc for c, acc in sorted(result.sweep.items())}
+    metrics = {**result.metrics, "C": result.C, "sweep": sweep, "train_examples": len(ytr)}
     return {"metrics": metrics, "templates": [], "images": len(ytr) + len(yte)}
 
 

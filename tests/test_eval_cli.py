@@ -72,7 +72,10 @@ def test_clipops_eval_end_to_end(
         assert set(r) >= REQUIRED, r.keys()
         assert r["checkpoint_sha256"] == sha and r["model"] == "tiny"
         assert r["timing"]["seconds"] > 0 and r["classnames"]
-    zs, _, few, retrieval, robust, digits = records
+    zs, lp, few, retrieval, robust, digits = records
+    sweep = lp["metrics"]["sweep"]
+    assert f"{lp['metrics']['C']:.6g}" in sweep and all(0 <= a <= 1 for a in sweep.values())
+    assert max(sweep.values()) == sweep[f"{lp['metrics']['C']:.6g}"]
     assert zs["templates"] and 0 <= zs["metrics"]["top1"] <= 1 and "top5" in zs["metrics"]
     assert set(zs["metrics"]["ensembling"]) >= {"bare_top1", "single_top1", "ensemble_top1"}
     assert few["metrics"]["ks"] == [1, 2, 4] and "zero_shot_top1" in few["metrics"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,14 +60,19 @@ def test_fashion_mnist_subset() -> None:
     assert isinstance(ds.test.images[0], bytes)
 
 
-def test_tuxpaint_loads_or_names_the_package() -> None:
+def test_tuxpaint_real_stamps_and_missing_package(tmp_path: Path) -> None:
+    # ./dev test installs tuxpaint-stamps-default (see `system_packages` in ./dev)
     assert "tuxpaint" in BUILTINS
-    if not Path("/usr/share/tuxpaint/stamps").is_dir():
-        with pytest.raises(MissingDatasetError, match="tuxpaint-stamps-default"):
-            load_dataset("tuxpaint")
-        return
-    ds = load_dataset("tuxpaint", limit=8)
-    assert ds.test.captions is not None and all(c and c[0] for c in ds.test.captions)
+    with pytest.raises(MissingDatasetError, match="tuxpaint-stamps-default"):
+        load_dataset("tuxpaint", root=str(tmp_path / "none"))
+    ds = load_dataset("tuxpaint", limit=30)
+    assert len(ds.test) == 30 and ds.test.captions is not None
+    assert all(c and c[0].strip() for c in ds.test.captions)
+    assert len(set(ds.test.labels)) >= 1 and all(
+        0 <= y < len(ds.classnames) for y in ds.test.labels
+    )
+    everything = load_dataset("tuxpaint")
+    assert len(everything.test) > 300 and len(everything.classnames) >= 5
 
 
 def test_missing_fashion_package_names_apt(tmp_path: Path) -> None:
@@ -140,3 +146,32 @@ def test_parquet_with_bytes_and_split(tmp_path: Path) -> None:
 def test_unknown_dataset_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="unknown dataset"):
         load_dataset(str(tmp_path / "nothing.txt"))
+
+
+def test_image_folder_and_parquet_from_s3(moto_s3: tuple[str, Any], tmp_path: Path) -> None:
+    endpoint, client = moto_s3
+    client.create_bucket(Bucket="evalsets")
+    for cls, colour in (("cat", (200, 0, 0)), ("dog", (0, 200, 0))):
+        for i in range(2):
+            client.put_object(Bucket="evalsets", Key=f"pets/{cls}/{i}.png", Body=_png(colour))
+    client.put_object(Bucket="evalsets", Key="names.txt", Body=b"tabby cat\ndog\n")
+    table = pa.table({"image": [_png((i * 40, 0, 0)) for i in range(4)], "label": [0, 1, 1, 0]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    client.put_object(
+        Bucket="evalsets", Key="t.parquet", Body=(tmp_path / "t.parquet").read_bytes()
+    )
+    options = {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"}
+    ds = load_dataset(
+        "s3://evalsets/pets", classnames="s3://evalsets/names.txt", storage_options=options
+    )
+    assert ds.classnames == ("tabby cat", "dog") and ds.test.labels == [0, 0, 1, 1]
+    assert ds.test.images[2] == _png((0, 200, 0))
+    ds = load_dataset("s3://evalsets/t.parquet", storage_options=options)
+    assert ds.test.labels == [0, 1, 1, 0] and ds.classnames == ("0", "1")
+    with pytest.raises(DatasetError, match="no such file"):
+        load_dataset("s3://evalsets/missing.parquet", storage_options=options)
+    client.put_object(Bucket="evalsets", Key="three.txt", Body=b"a\nb\nc\n")
+    with pytest.raises(DatasetError, match="3 names for 2 classes"):
+        load_dataset(
+            "s3://evalsets/pets", classnames="s3://evalsets/three.txt", storage_options=options
+        )

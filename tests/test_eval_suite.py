@@ -167,6 +167,17 @@ def test_retrieval_and_text_tasks_need_a_tokenizer(tiny: EvalModel) -> None:
         run_suite(blind, suite)
 
 
+def test_retrieval_on_tuxpaint_captions(tiny: EvalModel) -> None:
+    suite = parse_suite(
+        _suite({"dataset": "tuxpaint", "task": "retrieval", "dataset_options": {"limit": 40}})
+    )
+    (record,) = run_suite(tiny, suite)
+    m = record["metrics"]
+    assert m["captions"] == 40 and record["dataset"] == "tuxpaint"
+    for direction in ("image_to_text", "text_to_image"):
+        assert 0 <= m[f"{direction}_R@1"] <= m[f"{direction}_R@5"] <= m[f"{direction}_R@10"] <= 1
+
+
 def test_openai_format_weights_with_and_without_tokenizer(tiny: EvalModel, tmp_path: Path) -> None:
     weights = tmp_path / "model.pt"
     torch.save(tiny.model.state_dict(), weights)

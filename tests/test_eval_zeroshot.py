@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,10 @@ def test_templates() -> None:
     assert all("{}" in t for ts in DATASET_TEMPLATES.values() for t in ts)
     assert "a photo of a {}, a type of pet." in templates_for("oxford_pets")
     assert templates_for("unknown") == IMAGENET_TEMPLATES == templates_for(None)
+
+
+def test_documented_templates_match_the_code() -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    for name, templates in {"imagenet": IMAGENET_TEMPLATES, **DATASET_TEMPLATES}.items():
+        for template in templates:
+            assert f"`{template}`" in doc, (name, template)
