@@ -22,6 +22,7 @@ import yaml
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs")  # torch.compile backends offered
 
 
 class RunConfigError(ValueError):
@@ -79,6 +80,7 @@ class PrecisionSection:
     precision: str = "bf16"  # on CPU always fp32
     grad_checkpointing: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend when compile is true
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,8 @@ def _validate(cfg: RunConfig) -> None:
         )
     if cfg.precision.precision not in PRECISIONS:
         raise RunConfigError(f"precision.precision must be one of {PRECISIONS}")
+    if cfg.precision.compile_backend not in COMPILE_BACKENDS:
+        raise RunConfigError(f"precision.compile_backend must be one of {COMPILE_BACKENDS}")
     for name in ("every_steps", "keep"):
         if getattr(cfg.checkpoint, name) < 1:
             raise RunConfigError(f"checkpoint.{name} must be >= 1")

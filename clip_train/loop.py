@@ -32,7 +32,7 @@ from clip_train.state import (
     save_rng,
     save_train_state,
 )
-from clip_train.step import Stepper
+from clip_train.step import Stepper, compile_model
 from clip_train.tracking import StepLogger, TrackingTarget
 
 
@@ -138,7 +138,7 @@ def _setup(cfg: RunConfig, job: JobSpec) -> tuple[CLIP, torch.nn.Module, Stepper
         model.set_grad_checkpointing(True)
     wrapped: torch.nn.Module = ray.train.torch.prepare_model(model)
     if cfg.precision.compile:
-        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+        wrapped = compile_model(wrapped, cfg.precision.compile_backend)
     o = cfg.optim
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
     stepper = Stepper(

@@ -125,3 +125,13 @@ class Stepper:
         self.raw.clamp_logit_scale()
         scale = float(self.raw.logit_scale.detach().exp())
         return StepResult(float(loss.detach()), scale, grad_norm)
+
+
+def compile_model(model: nn.Module, backend: str) -> nn.Module:
+    """``torch.compile(model, backend=backend)``: same parameters, same results, fused kernels.
+
+    ``inductor`` generates kernels (needs a C++ compiler on CPU; compiling the first step takes
+    minutes on a small CPU); ``aot_eager`` traces forward and backward graphs without codegen.
+    """
+    compiled: nn.Module = torch.compile(model, backend=backend)  # type: ignore[assignment]
+    return compiled

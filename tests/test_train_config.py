@@ -52,6 +52,11 @@ def test_unknown_keys_and_bad_values_are_errors() -> None:
         load_run_config("tiny", ["data.global_batch_size=127"])
     with pytest.raises(RunConfigError, match="precision"):
         load_run_config("tiny", ["precision.precision=fp8"])
+    with pytest.raises(RunConfigError, match="compile_backend"):
+        load_run_config("tiny", ["precision.compile_backend=tensorrt"])
+    assert (
+        load_run_config("tiny", ["precision.compile=true"]).precision.compile_backend == "inductor"
+    )
     with pytest.raises(RunConfigError, match="not a file and not a recipe"):
         load_run_config("no-such-recipe")
 

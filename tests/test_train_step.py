@@ -11,6 +11,8 @@ from dist_workers import make_batch, make_model
 from safetensors.torch import load_file
 from train_workers import MODEL, make_stepper, step_worker
 
+from clip_train.step import compile_model
+
 N, STEPS = 8, 3
 
 
@@ -85,6 +87,24 @@ def test_gradient_checkpointing_gives_the_same_update() -> None:
     raw = make_model(MODEL, 0, torch.float32)
     raw.set_grad_checkpointing(True)  # type: ignore[operator]
     stepper = make_stepper(raw, raw, 1)
+    for step in range(STEPS):
+        images, tokens = make_batch(MODEL, 2 * N, seed=100 + step, dtype=torch.float32)
+        stepper.step(images, tokens, lr=1e-3)
+    for name, ref in plain.items():
+        torch.testing.assert_close(raw.state_dict()[name], ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_update() -> None:
+    """precision.compile: Dynamo traces the model's forward and backward without changing them.
+
+    ``aot_eager`` checks the traced graphs; the ``inductor`` backend (generated C++ kernels)
+    passed the same check by hand, but its codegen takes ~3 minutes on 2 CPU cores
+    (docs/training.md).
+    """
+    _, plain = single_process(accum=1)
+    raw = make_model(MODEL, 0, torch.float32)
+    stepper = make_stepper(compile_model(raw, "aot_eager"), raw, 1)
     for step in range(STEPS):
         images, tokens = make_batch(MODEL, 2 * N, seed=100 + step, dtype=torch.float32)
         stepper.step(images, tokens, lr=1e-3)
