@@ -1,0 +1,175 @@
+"""The pipeline stages as Prefect tasks: each calls the same entry point as the ``clipops`` CLI.
+
+No maths here: ``ingest`` is :func:`clip_data.ingest.ingest`, ``validate`` is
+:func:`clip_data.validate.validate_dataset`, ``train`` is :func:`clip_train.run.train`,
+``evaluate`` is :func:`clip_eval.suite.run_suite` + :func:`clip_eval.report.write_report`.
+Tasks that touch storage or servers (S3 reads, MLflow) retry on transient (``OSError``)
+failures only; a deterministic failure (bad data, bad config) fails at once. Heavy libraries
+are imported inside the tasks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from flows.summaries import eval_metrics
+
+
+def transient(_task: Any, _run: Any, state: Any) -> bool:
+    """Retry condition: only I/O-level errors (network, S3, a busy database) are retried."""
+    return isinstance(getattr(state, "data", None), OSError)
+
+
+@task(
+    name="ingest",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=transient,
+    cache_policy=NONE,
+)
+def ingest_source(
+    source: str, dest: str, workers: int = 2, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``clipops ingest SOURCE DEST``: Parquet shards + quarantine + manifest; the manifest."""
+    from clip_data.ingest import IngestConfig, ingest
+
+    manifest = ingest(
+        source, dest, IngestConfig(workers=workers), progress=False, **(options or {})
+    )
+    return dict(manifest)
+
+
+class ValidationFailedError(RuntimeError):
+    """The Great Expectations suite failed on the ingested shards: nothing is trained."""
+
+
+@task(name="validate", cache_policy=NONE)
+def validate_shards(dest: str) -> dict[str, Any]:
+    """``clipops validate DEST``: ``success``, ``rows``, ``summary`` and the failing checks."""
+    from clip_data.validate import validate_dataset
+
+    report = validate_dataset(dest)
+    return {
+        "success": report.success,
+        "rows": report.rows,
+        "summary": report.summary(),
+        "failures": report.failures,
+    }
+
+
+@task(name="train", retries=1, retry_delay_seconds=5, cache_policy=NONE)
+def train_model(recipe: str, overrides: list[str]) -> dict[str, Any]:
+    """``clipops train --config RECIPE --set ...`` on Ray Train; a retry resumes the run.
+
+    A local Ray cluster started here is shut down afterwards, so the next stages get the CPUs.
+    """
+    import ray
+
+    from clip_train.config import load_run_config
+    from clip_train.run import train
+    from clip_train.tracking import resolve_tracking_uri
+
+    cfg = load_run_config(recipe, overrides)
+    started_here = not ray.is_initialized()
+    try:
+        result = train(cfg)
+    finally:
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+    return {
+        "run_name": cfg.infra.run_name,
+        "model": cfg.model.name,
+        "run_dir": result.run_dir,
+        "final_model": result.final_model,
+        "steps": result.steps,
+        "samples_seen": result.samples_seen,
+        "mlflow_run_id": result.mlflow_run_id,
+        "tracking_uri": resolve_tracking_uri(cfg.tracking.uri),
+        "dataset_version": result.dataset_version,
+    }
+
+
+def local_model(final_model: str, dest: str) -> str:
+    """A local directory holding the checkpoint at ``final_model`` (downloaded if a URI)."""
+    if "://" not in final_model or final_model.startswith("file://"):
+        return final_model.removeprefix("file://")
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(final_model)
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    fs.get(path.rstrip("/") + "/", dest, recursive=True)
+    return dest
+
+
+@task(
+    name="loss-curve",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NONE,
+)
+def loss_curve(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
+    """``(step, train/loss)`` pairs logged by rank 0 to the MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")
+    return sorted((int(m.step), float(m.value)) for m in history)
+
+
+@task(name="evaluate", cache_policy=NONE)
+def evaluate_model(
+    model: str, suite: str, out_dir: str, cache_dir: str | None = None, threads: int | None = 1
+) -> dict[str, Any]:
+    """``clipops eval --model CKPT --suite SUITE --out DIR``: records + report files."""
+    from clip_eval.report import write_report
+    from clip_eval.suite import load_suite, run_suite
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    records = run_suite(model, load_suite(suite), cache_dir=cache_dir)
+    written = write_report(records, out_dir)
+    return {
+        "records": records,
+        "results": str(written["results"]),
+        "summary": str(written["summary"]),
+        "plots": [str(p) for p in written["plots"]],
+        "plots_error": written["plots_error"],
+    }
+
+
+@task(
+    name="log-eval-to-mlflow",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    cache_policy=NONE,
+)
+def log_eval(tracking_uri: str, run_id: str, evaluation: dict[str, Any]) -> dict[str, float]:
+    """Log the suite's scalar metrics and report files (under ``eval/``) to an MLflow run."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    metrics = eval_metrics(evaluation["records"])
+    import time
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, 0) for k, v in sorted(metrics.items())]
+    for i in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[i : i + 500], synchronous=True)
+    files = [evaluation["results"], evaluation["summary"], *evaluation["plots"]]
+    for path in files:
+        client.log_artifact(run_id, path, "eval")
+    return metrics
+
+
+def scratch_dir(prefix: str) -> str:
+    """A fresh temporary directory (for downloads that need not outlive the flow)."""
+    return tempfile.mkdtemp(prefix=prefix)

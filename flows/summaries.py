@@ -1,0 +1,183 @@
+"""Pure builders of the run summaries the flows publish (markdown, tables, metric dicts).
+
+Nothing here talks to Prefect, MLflow or the file system: manifests, reports and eval records
+in, strings / rows / metric dicts out. The flows turn them into Prefect artifacts and MLflow
+metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+_METRIC_CHARS = re.compile(r"[^0-9A-Za-z_\-. /]")
+
+
+def metric_key(*parts: str) -> str:
+    """A valid MLflow metric name from path parts (other characters become ``_``)."""
+    return "/".join(_METRIC_CHARS.sub("_", p) for p in parts if p)
+
+
+def _leaves(prefix: tuple[str, ...], value: Any) -> list[tuple[tuple[str, ...], float]]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [] if not math.isfinite(float(value)) else [(prefix, float(value))]
+    if isinstance(value, Mapping):
+        out: list[tuple[tuple[str, ...], float]] = []
+        for key in sorted(value):
+            out += _leaves((*prefix, str(key)), value[key])
+        return out
+    return []  # lists (few-shot curves), strings, None: not scalar metrics
+
+
+def eval_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Every finite scalar of every record's ``metrics`` as ``eval/<dataset>/<task>/<path>``."""
+    out: dict[str, float] = {}
+    for r in records:
+        for path, value in _leaves((), r["metrics"]):
+            out[metric_key("eval", str(r["dataset"]), str(r["task"]), *path)] = value
+    return out
+
+
+def headline_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The top-1 accuracy of each zero-shot and linear-probe record, keyed ``dataset/task``."""
+    out: dict[str, float] = {}
+    for r in records:
+        top1 = r["metrics"].get("top1")
+        if r["task"] in ("zero_shot", "linear_probe") and isinstance(top1, int | float):
+            out[f"{r['dataset']}/{r['task']}"] = float(top1)
+    return out
+
+
+def data_markdown(manifest: Mapping[str, Any], shards: str) -> str:
+    """Counts, quarantine reasons, shard totals and the dataset version of an ingest."""
+    counts = manifest["counts"]
+    reasons = counts.get("per_reason") or {}
+    size = sum(int(s["bytes"]) for s in manifest["shards"])
+    version = (manifest.get("dataset_version") or {}).get("dvc_md5", "unknown")
+    lines = [
+        "# Data",
+        "",
+        f"Shards: `{shards}` ({len(manifest['shards'])} files, {size:,} bytes); "
+        f"dataset version (DVC md5) `{version}`.",
+        "",
+        "| read | accepted | duplicates | quarantined |",
+        "| ---: | ---: | ---: | ---: |",
+        f"| {counts['read']} | {counts['accepted']} | {counts['duplicates']} "
+        f"| {counts['quarantined']} |",
+    ]
+    if reasons:
+        lines += ["", "Quarantine reasons:", ""]
+        lines += [f"- `{reason}`: {n}" for reason, n in sorted(reasons.items())]
+    splits = counts.get("per_split") or manifest.get("splits")
+    if isinstance(splits, Mapping) and splits:
+        lines += ["", "Rows per split: " + ", ".join(f"{k} {v}" for k, v in sorted(splits.items()))]
+    return "\n".join(lines) + "\n"
+
+
+def validation_markdown(success: bool, summary: str, failures: Sequence[Mapping[str, Any]]) -> str:
+    """The Great Expectations outcome; on failure, a table of the failing checks."""
+    head = "# Validation passed" if success else "# Validation FAILED: training was not started"
+    lines = [head, "", "```", summary, "```"]
+    if failures:
+        lines += ["", "| check | column | unexpected | examples |", "| --- | --- | ---: | --- |"]
+        for f in failures:
+            examples = ", ".join(repr(x)[:40] for x in (f.get("examples") or [])[:3])
+            lines.append(
+                f"| {f['name']} | {f.get('column') or '-'} | "
+                f"{f.get('unexpected_count') if f.get('unexpected_count') is not None else '-'} "
+                f"| {examples.replace('|', '/')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def curve_summary(losses: Sequence[tuple[int, float]]) -> dict[str, float]:
+    """First, minimum and last loss of a ``(step, loss)`` curve, with their steps."""
+    if not losses:
+        return {}
+    ordered = sorted(losses)
+    step_min, loss_min = min(ordered, key=lambda p: p[1])
+    return {
+        "first_step": float(ordered[0][0]),
+        "first_loss": ordered[0][1],
+        "min_step": float(step_min),
+        "min_loss": loss_min,
+        "last_step": float(ordered[-1][0]),
+        "last_loss": ordered[-1][1],
+    }
+
+
+def training_markdown(info: Mapping[str, Any], losses: Sequence[tuple[int, float]]) -> str:
+    """Run name, steps, samples, final model, MLflow run and the loss curve summary."""
+    lines = [
+        "# Training",
+        "",
+        "| run | steps | samples seen | MLflow run | final model |",
+        "| --- | ---: | ---: | --- | --- |",
+        f"| {info['run_name']} | {info['steps']} | {info['samples_seen']} | "
+        f"`{info['mlflow_run_id']}` | `{info['final_model']}` |",
+    ]
+    s = curve_summary(losses)
+    if s:
+        lines += [
+            "",
+            f"Loss (train/loss, {len(losses)} logged steps): {s['first_loss']:.3f} at step "
+            f"{s['first_step']:.0f} -> {s['last_loss']:.3f} at step {s['last_step']:.0f} "
+            f"(min {s['min_loss']:.3f} at step {s['min_step']:.0f}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def eval_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per record: dataset, task, headline result, seconds."""
+    from clip_eval.report import headline
+
+    return [
+        {
+            "dataset": r["dataset"],
+            "task": r["task"],
+            "result (%)": headline(dict(r)),
+            "seconds": round(float(r["timing"]["seconds"]), 1),
+        }
+        for r in records
+    ]
+
+
+def comparison_rows(
+    evaluated: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """One row per evaluated model version: name, version, aliases and headline metrics.
+
+    ``evaluated`` items carry ``name``, ``version``, ``aliases`` and ``metrics`` (a
+    :func:`headline_metrics` dict). Missing metrics show as ``None``.
+    """
+    columns = (
+        list(keys) if keys is not None else sorted({k for e in evaluated for k in e["metrics"]})
+    )
+    rows = []
+    for e in evaluated:
+        row: dict[str, Any] = {
+            "model": e["name"],
+            "version": str(e["version"]),
+            "aliases": ", ".join(e.get("aliases") or []) or "-",
+        }
+        for k in columns:
+            value = e["metrics"].get(k)
+            row[k] = None if value is None else round(100 * float(value), 1)
+        rows.append(row)
+    return rows
+
+
+def rows_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
+    """A markdown table of dict rows (columns from the first row)."""
+    if not rows:
+        return f"# {title}\n\n(nothing)\n"
+    cols = list(rows[0])
+    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for r in rows:
+        cells = ["-" if r.get(c) is None else str(r.get(c)).replace("|", "/") for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
