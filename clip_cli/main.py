@@ -37,6 +37,18 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_register(args: argparse.Namespace) -> int:
+    from clip_registry.cli import run_register
+
+    return run_register(args)
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from clip_registry.cli import run_promote
+
+    return run_promote(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from clip_train.demo import DemoConfig, run_demo
 
@@ -245,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="ingest output directory (validation.json is written there)")
     p.add_argument("--config", default=None, help="thresholds file (.yaml/.yml or .json)")
     p.set_defaults(handler=_cmd_validate)
+
+    from clip_registry.cli import add_promote_arguments, add_register_arguments
+
+    p = sub.add_parser("register", help="register a training run as an MLflow model version")
+    add_register_arguments(p)
+    p.set_defaults(handler=_cmd_register)
+    p = sub.add_parser("promote", help="re-apply the promotion rule (moves alias champion)")
+    add_promote_arguments(p)
+    p.set_defaults(handler=_cmd_promote)
 
     p = sub.add_parser("eval", help="run an evaluation suite on a checkpoint")
     p.add_argument(

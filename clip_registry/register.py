@@ -1,0 +1,294 @@
+"""Register a finished pretraining run as a new version of a named MLflow model.
+
+:func:`register_run` (what ``clipops register`` and the pretrain flow call):
+
+1. reads the run (it must be FINISHED) and its ``checkpoint/`` artifact (a clip_core
+   checkpoint), checks that the checkpoint loads;
+2. links the evaluation (``clipops eval --out DIR``: ``results.jsonl``, ``summary.md``, PNGs;
+   the feature cache is left out) and the overlap report to the run as artifacts ``eval/`` and
+   ``overlap/``, and logs the headline metrics to the run as ``eval/<key>`` at the final step;
+3. logs the checkpoint as a pyfunc model of the run (:mod:`clip_registry.logged`) and
+   registers it, unless a version of this run already exists (registration is safe to rerun:
+   the existing version is reused and its tags refreshed);
+4. tags the version with its lineage and headline numbers, writes a markdown description,
+   points ``candidate`` at it and applies the promotion rule (:mod:`clip_registry.promote`).
+
+Version tags: ``clipops.run_id``, ``clipops.run_name``, ``clipops.model``,
+``clipops.model_config`` (JSON), ``clipops.git_commit``, ``clipops.dataset_version``,
+``clipops.steps``, ``clipops.samples_seen``, ``clipops.weights_sha256``,
+``clipops.metric.<TASK/DATASET/METRIC>``, ``clipops.overlap.<DATASET/FIELD>``,
+``clipops.eval_artifacts`` / ``clipops.overlap_artifact`` (``runs:/`` URIs of the linked
+files), and the promotion tags.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clip_core.checkpoint import CheckpointError, load_checkpoint
+from clip_registry.metrics import headline_metrics, overlap_summary
+from clip_registry.promote import (
+    CANDIDATE,
+    MAX_TAG_CHARS,
+    METRIC_TAG,
+    SECTION,
+    Decision,
+    PromotionRule,
+    apply_rule,
+)
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+EVAL_ARTIFACT = "eval"
+OVERLAP_ARTIFACT = "overlap"
+RUN_ID_TAG = "clipops.run_id"
+OVERLAP_TAG = "clipops.overlap."
+EVAL_FILES = ("results.jsonl", "summary.md")
+
+
+class RegistryError(ValueError):
+    """Registration cannot proceed: unknown run, unfinished run, missing checkpoint, bad input."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What :func:`register_run` did."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    decision: Decision
+    run_id: str
+    model_uri: str  # models:/NAME/VERSION
+    created: bool  # False when an existing version of the run was reused
+
+
+def default_model_name(model: str) -> str:
+    """Registered name of a model config: ``ViT-B-32`` -> ``clip-vit-b32``, ``tiny-vit`` ->
+    ``clip-tiny-vit``, ``RN50`` -> ``clip-rn50``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+    slug = re.sub(r"(?<![a-z0-9])([a-z])-(?=\d)", r"\1", slug)
+    return f"clip-{slug}"
+
+
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _get_run(client: Any, run_id: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise RegistryError(f"run {run_id!r} not found: {exc.message}") from exc
+    if run.info.status != "FINISHED":
+        raise RegistryError(f"run {run_id} is {run.info.status}, not FINISHED; nothing to register")
+    return run
+
+
+def _eval_files(eval_dir: Path) -> tuple[list[Path], dict[str, float]]:
+    from clip_eval.report import read_jsonl
+
+    results = eval_dir / "results.jsonl"
+    if not results.is_file():
+        raise RegistryError(f"--eval-dir {eval_dir}: no results.jsonl (run clipops eval --out)")
+    try:
+        metrics = headline_metrics(read_jsonl(results))
+    except (ValueError, AttributeError) as exc:
+        raise RegistryError(f"{results}: not a JSONL file of evaluation records ({exc})") from exc
+    files = [eval_dir / f for f in EVAL_FILES if (eval_dir / f).is_file()]
+    return files + sorted(eval_dir.glob("*.png")), metrics
+
+
+def _read_overlap(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"--overlap-report {path}: not a readable JSON file ({exc})") from exc
+
+
+def _progress(metadata: Mapping[str, Any], run: Any) -> tuple[str, str]:
+    progress = metadata.get("progress")
+    progress = progress if isinstance(progress, Mapping) else {}
+    steps = progress.get("step")
+    samples = progress.get("samples_seen", run.data.metrics.get("train/samples_seen"))
+    return (
+        "unknown" if steps is None else str(int(steps)),
+        "unknown" if samples is None else str(int(samples)),
+    )
+
+
+@dataclass(frozen=True)
+class _Lineage:
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    overlap: dict[str, float]
+    summary_md: str
+
+
+def _lineage(
+    client: Any,
+    run: Any,
+    checkpoint: Path,
+    eval_dir: Path | None,
+    overlap_report: Path | None,
+) -> _Lineage:
+    """Read the checkpoint, link eval/overlap files to the run, build the version tags."""
+    try:
+        loaded = load_checkpoint(checkpoint)
+    except (CheckpointError, OSError) as exc:
+        raise RegistryError(
+            f"run {run.info.run_id}: artifact checkpoint/ is unusable: {exc}"
+        ) from exc
+    if loaded.tokenizer is None:
+        raise RegistryError(f"run {run.info.run_id}: the checkpoint has no tokenizer")
+    run_id, run_tags = run.info.run_id, run.data.tags
+    steps, samples = _progress(loaded.metadata, run)
+    config = json.dumps(loaded.model.config.to_dict(), sort_keys=True, separators=(",", ":"))
+    tags = {
+        RUN_ID_TAG: run_id,
+        "clipops.run_name": run_tags.get("clipops.run_name", run.info.run_name or ""),
+        "clipops.model": run_tags.get("clipops.model", "unknown"),
+        "clipops.model_config": config[:MAX_TAG_CHARS],
+        "clipops.git_commit": run_tags.get("mlflow.source.git.commit", "unknown"),
+        "clipops.dataset_version": run_tags.get("clipops.dataset_version", "unknown"),
+        "clipops.steps": steps,
+        "clipops.samples_seen": samples,
+        "clipops.weights_sha256": loaded.weights_sha256,
+    }
+    metrics: dict[str, float] = {}
+    summary_md = ""
+    if eval_dir is not None:
+        files, metrics = _eval_files(eval_dir)
+        for f in files:
+            client.log_artifact(run_id, str(f), EVAL_ARTIFACT)
+        step = int(steps) if steps.isdigit() else 0
+        for key, value in metrics.items():
+            client.log_metric(run_id, f"eval/{key}", value, step=step)
+        tags["clipops.eval_artifacts"] = f"runs:/{run_id}/{EVAL_ARTIFACT}"
+        summary = eval_dir / "summary.md"
+        summary_md = summary.read_text(encoding="utf-8") if summary.is_file() else ""
+    overlap: dict[str, float] = {}
+    if overlap_report is not None:
+        overlap = overlap_summary(_read_overlap(overlap_report))
+        client.log_artifact(run_id, str(overlap_report), OVERLAP_ARTIFACT)
+        tags["clipops.overlap_artifact"] = (
+            f"runs:/{run_id}/{OVERLAP_ARTIFACT}/{overlap_report.name}"
+        )
+        if not overlap:
+            tags["clipops.overlap.status"] = "no per-dataset contamination found in the report"
+    tags.update({METRIC_TAG + k: f"{v:.6g}" for k, v in metrics.items()})
+    tags.update({OVERLAP_TAG + k: f"{v:.6g}" for k, v in overlap.items()})
+    return _Lineage(tags, metrics, overlap, summary_md)
+
+
+def _description(name: str, lineage: _Lineage) -> str:
+    t = lineage.tags
+    lines = [
+        f"# {name}: run `{t['clipops.run_name']}`",
+        "",
+        f"- model `{t['clipops.model']}`, weights sha256 `{t['clipops.weights_sha256'][:16]}...`",
+        f"- code `{t['clipops.git_commit']}`, dataset version `{t['clipops.dataset_version']}`",
+        f"- {t['clipops.steps']} steps, {t['clipops.samples_seen']} samples seen",
+    ]
+    if "clipops.eval_artifacts" in t:
+        lines.append(
+            f"- evaluation: `{t['clipops.eval_artifacts']}` (results.jsonl, summary.md, plots)"
+        )
+    if "clipops.overlap_artifact" in t:
+        lines.append(f"- overlap report: `{t['clipops.overlap_artifact']}`")
+    if lineage.metrics:
+        lines += ["", "| metric | value |", "| --- | ---: |"]
+        lines += [f"| {k} | {100 * v:.1f}% |" for k, v in lineage.metrics.items()]
+    if lineage.overlap:
+        lines += ["", "| overlap | value |", "| --- | ---: |"]
+        lines += [f"| {k} | {100 * v:.2f}% |" for k, v in lineage.overlap.items()]
+    if lineage.summary_md:
+        lines += [
+            "",
+            "<details><summary>evaluation summary</summary>",
+            "",
+            lineage.summary_md,
+            "</details>",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _existing_version(client: Any, name: str, run_id: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None
+    versions = sorted((int(v.version) for v in found), reverse=True)
+    return str(versions[0]) if versions else None
+
+
+def register_run(
+    run_id: str,
+    *,
+    name: str | None = None,
+    eval_dir: str | Path | None = None,
+    overlap_report: str | Path | None = None,
+    tracking_uri: str | None = None,
+    rule: PromotionRule | None = None,
+) -> Registration:
+    """Register run ``run_id``'s checkpoint as a version of ``name`` (see the module doc)."""
+    import mlflow
+
+    from clip_registry.logged import log_clip_model
+    from clip_train.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(uri)
+    run = _get_run(client, run_id)
+    model = run.data.tags.get("clipops.model")
+    if name is None and not model:
+        raise RegistryError(f"run {run_id} has no clipops.model tag: give --name")
+    name = name or default_model_name(str(model))
+    eval_path = None if eval_dir is None else Path(eval_dir)
+    overlap_path = None if overlap_report is None else Path(overlap_report)
+    if overlap_path is not None and not overlap_path.is_file():
+        raise RegistryError(f"--overlap-report {overlap_path}: no such file")
+    with tempfile.TemporaryDirectory(prefix="clipops-register-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp)
+        except Exception as exc:  # MlflowException or OSError, depending on the store
+            raise RegistryError(
+                f"run {run_id} has no {CHECKPOINT_ARTIFACT}/ artifact ({exc})"
+            ) from exc
+        lineage = _lineage(client, run, Path(local), eval_path, overlap_path)
+        version = _existing_version(client, name, run_id)
+        created = version is None
+        if version is None:
+            info = log_clip_model(run_id, local, uri)
+            with _tracking_uri(uri):
+                version = str(mlflow.register_model(info.model_uri, name).version)
+    for key, value in lineage.tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    previous = client.get_model_version(name, version).description or ""
+    kept = previous[previous.index(SECTION) :] if SECTION in previous else ""
+    description = _description(name, lineage) + ("\n" + kept if kept else "")
+    client.update_model_version(name, version, description=description)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    decision = apply_rule(name, version=version, rule=rule, client=client)
+    aliases = tuple(sorted(client.get_model_version(name, version).aliases))
+    return Registration(
+        name, version, aliases, decision, run_id, f"models:/{name}/{version}", created
+    )
