@@ -80,6 +80,13 @@ def test_register_first_run_becomes_champion(store: dict[str, Any]) -> None:
         "## Promotion decision" in mv.description and "| zero_shot/synth/top1 |" in mv.description
     )
 
+    # the run compares in the MLflow UI: family experiment, run name, flat params, step metrics
+    run = client.get_run(run_a)
+    assert client.get_experiment(run.info.experiment_id).name == "clip-tiny"
+    assert run.info.run_name == "run-a" == tags["clipops.run_name"]
+    assert run.data.params["model.name"] == "tiny-vit" and "optim.lr" in run.data.params
+    assert [m.step for m in client.get_metric_history(run_a, "train/loss")] == [1, 2, 3]
+
     # evaluation files and the overlap report are linked to the run, the feature cache is not
     linked = {f.path for f in client.list_artifacts(run_a, "eval")}
     assert {"eval/results.jsonl", "eval/summary.md"} <= linked
@@ -111,7 +118,7 @@ def test_logged_model_has_no_pickle(store: dict[str, Any]) -> None:
     finally:
         mlflow.set_tracking_uri(previous)
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
-    assert {"MLmodel", "artifacts/checkpoint/model.safetensors"} <= files
+    assert {"MLmodel", "model_code.py", "artifacts/checkpoint/model.safetensors"} <= files
     assert {"artifacts/checkpoint/clip.json", "artifacts/checkpoint/bpe_merges.txt.gz"} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
     mlmodel = (local / "MLmodel").read_text()
