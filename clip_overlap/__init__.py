@@ -1,1 +1,1 @@
-"""Data-overlap analysis (the paper's section 5): duplicate detection and contamination statistics."""
+"""Data-overlap analysis (the paper's section 5): duplicate detection, contamination statistics."""
