@@ -181,3 +181,42 @@ def rows_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
         cells = ["-" if r.get(c) is None else str(r.get(c)).replace("|", "/") for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def overlap_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per evaluation dataset of an overlap report (percentages, p-values)."""
+
+    def pct(value: Any) -> float | None:
+        return None if value is None else round(100 * float(value), 2)
+
+    rows = []
+    for label, r in sorted((report.get("datasets") or {}).items()):
+        rows.append(
+            {
+                "dataset": label,
+                "examples": r.get("n_all"),
+                "overlap": r.get("n_overlap"),
+                "contamination (%)": pct(r.get("contamination")),
+                "acc all (%)": pct(r.get("acc_all")),
+                "acc clean (%)": pct(r.get("acc_clean")),
+                "all - clean (points)": pct(r.get("all_minus_clean")),
+                "p (Bonferroni)": r.get("p_value_bonferroni"),
+            }
+        )
+    return rows
+
+
+def registry_markdown(reg: Mapping[str, Any]) -> str:
+    """The registered version, its aliases and the promotion decision with its reasons."""
+    aliases = ", ".join(f"`{a}`" for a in reg["aliases"]) or "none"
+    lines = [
+        "# Registered model",
+        "",
+        f"`{reg['name']}` version **{reg['version']}** (`{reg['model_uri']}`), aliases: {aliases}.",
+        "",
+        f"Promotion: **{reg['outcome']}** (champion before: "
+        f"{reg['champion_before'] or 'none'}, after: {reg['champion_after'] or 'none'}).",
+        "",
+        *[f"- {r}" for r in reg["reasons"]],
+    ]
+    return "\n".join(lines) + "\n"

@@ -199,3 +199,89 @@ def test_failed_validation_stops_the_flow_before_training(
     assert not (tmp_path / "runs" / "r" / "train").exists()
     artifact = _artifact("pretrain-validation")
     assert "training was not started" in artifact.data and "FAIL" in artifact.data
+
+
+def test_export_eval_writes_dvc_metrics_and_the_zero_shot_vs_probe_rows(tmp_path: Path) -> None:
+    import csv
+    import json
+
+    from clip_eval.report import write_jsonl
+    from flows.export import main
+
+    records = [
+        _record("syn", "zero_shot", {"top1": 0.7, "top5": 0.9}),
+        _record("syn", "linear_probe", {"top1": 0.8, "C": 0.5}),
+        _record("digits", "zero_shot", {"top1": 0.2}),
+    ]
+    results = write_jsonl(records, tmp_path / "results.jsonl")
+    out, plot = tmp_path / "m" / "eval.json", tmp_path / "m" / "zp.csv"
+    assert main(["eval", str(results), "--out", str(out), "--plot", str(plot)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["eval/syn/zero_shot/top5"] == 0.9 and metrics["eval/syn/linear_probe/C"] == 0.5
+    with plot.open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"dataset": "syn", "zero_shot": "0.7", "linear_probe": "0.8"}]
+
+
+def test_demo_closing_text_names_every_place(tmp_path: Path) -> None:
+    from flows.demo import demo_source, where_everything_is
+    from flows.pretrain import DEMO_SOURCE
+
+    assert demo_source(2048, 0) == DEMO_SOURCE
+    assert demo_source(256, 3) == "synthetic:train=256,test=64,seed=3,image_size=64"
+    summary = tmp_path / "summary.md"
+    summary.write_text("| model | dataset |\n")
+    text = where_everything_is(
+        {
+            "tracking_uri": "sqlite:////x/mlruns.db",
+            "eval_summary": str(summary),
+            "run_dir": "/r",
+            "shards": "/r/shards",
+            "final_model": "/r/final",
+            "eval_results": "/r/eval/results.jsonl",
+            "mlflow_run_id": "abc",
+            "registered": {"name": "clip-tiny-vit", "version": "3", "aliases": ["candidate"]},
+        },
+        125.0,
+    )
+    assert "| model | dataset |" in text and "2.1 min" in text
+    assert "clip-tiny-vit version 3 (aliases: candidate)" in text
+    assert "mlflow ui --backend-store-uri sqlite:////x/mlruns.db" in text
+    assert "prefect server start" in text or "open http" in text
+
+
+def test_overlap_rows_and_registry_markdown() -> None:
+    from flows.summaries import overlap_rows, registry_markdown
+
+    report = {
+        "datasets": {
+            "syn": {
+                "n_all": 300,
+                "n_overlap": 6,
+                "contamination": 0.02,
+                "acc_all": 0.75,
+                "acc_clean": 0.74,
+                "all_minus_clean": 0.01,
+                "p_value_bonferroni": 0.3,
+            },
+            "empty": {"n_all": 10, "n_overlap": 0, "contamination": 0.0, "acc_overlap": None},
+        }
+    }
+    rows = overlap_rows(report)
+    assert [r["dataset"] for r in rows] == ["empty", "syn"]
+    assert rows[1]["contamination (%)"] == 2.0 and rows[1]["all - clean (points)"] == 1.0
+    assert rows[0]["acc clean (%)"] is None
+    text = registry_markdown(
+        {
+            "name": "clip-tiny-vit",
+            "version": "2",
+            "model_uri": "models:/clip-tiny-vit/2",
+            "aliases": ["candidate"],
+            "outcome": "rejected",
+            "champion_before": "1",
+            "champion_after": "1",
+            "reasons": ["zero_shot/mean/top1 0.50 < 0.60"],
+        }
+    )
+    assert "version **2**" in text and "`candidate`" in text and "**rejected**" in text
+    assert "- zero_shot/mean/top1 0.50 < 0.60" in text
