@@ -122,11 +122,17 @@ def _read_overlap(path: Path) -> Any:
         raise RegistryError(f"--overlap-report {path}: not a readable JSON file ({exc})") from exc
 
 
-def _progress(metadata: Mapping[str, Any], run: Any) -> tuple[str, str]:
+def _progress(client: Any, metadata: Mapping[str, Any], run: Any) -> tuple[str, str]:
+    """Training steps and samples seen: the checkpoint's progress, else the run's metrics."""
     progress = metadata.get("progress")
     progress = progress if isinstance(progress, Mapping) else {}
-    steps = progress.get("step")
-    samples = progress.get("samples_seen", run.data.metrics.get("train/samples_seen"))
+    steps, samples = progress.get("step"), progress.get("samples_seen")
+    if steps is None or samples is None:
+        history = client.get_metric_history(run.info.run_id, "train/samples_seen")
+        if history:
+            last = max(history, key=lambda m: m.step)
+            steps = last.step if steps is None else steps
+            samples = last.value if samples is None else samples
     return (
         "unknown" if steps is None else str(int(steps)),
         "unknown" if samples is None else str(int(samples)),
@@ -158,7 +164,7 @@ def _lineage(
     if loaded.tokenizer is None:
         raise RegistryError(f"run {run.info.run_id}: the checkpoint has no tokenizer")
     run_id, run_tags = run.info.run_id, run.data.tags
-    steps, samples = _progress(loaded.metadata, run)
+    steps, samples = _progress(client, loaded.metadata, run)
     config = json.dumps(loaded.model.config.to_dict(), sort_keys=True, separators=(",", ":"))
     tags = {
         RUN_ID_TAG: run_id,

@@ -35,7 +35,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "c": {("synth", ZS): 0.90, ("digits", ZS): 0.20, ("synth", LP): 0.72},  # digits drop
     }
     for i, (key, top1) in enumerate(scores.items()):
-        ckpt = random_checkpoint(root / f"ckpt-{key}", seed=i)
+        ckpt = random_checkpoint(root / f"ckpt-{key}", seed=i, progress=key != "c")
         runs[key] = log_training_run(uri, ckpt, f"run-{key}", dataset_version=f"md5-{key}")
         evals[key] = write_eval_dir(root / f"eval-{key}", top1)
     overlap = root / "overlap.json"
@@ -146,6 +146,8 @@ def test_better_run_promoted_regressing_run_rejected(
     assert before.tags["clipops.promotion.decision"] == "rejected"
     assert "regressed" in before.tags["clipops.promotion.reasons"]
     assert before.tags["clipops.promotion.compared_to"] == "2"
+    # run c's checkpoint has no progress metadata: steps and samples come from its metrics
+    assert (before.tags["clipops.steps"], before.tags["clipops.samples_seen"]) == ("3", "192")
 
     # promote again with the same rule: same answer, nothing moves (idempotent)
     assert main(["promote", "--name", NAME, *args]) == 0

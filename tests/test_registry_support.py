@@ -59,11 +59,14 @@ def _tokenizer() -> ClipTokenizer:
     return ClipTokenizer.train(prompts * 4 + ["a red square.", "a photo of a dog."], 600, 16)
 
 
-def random_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A tiny random CLIP with its tokenizer, saved as a clip_core checkpoint."""
+def random_checkpoint(directory: Path, seed: int = 0, progress: bool = True) -> Path:
+    """A tiny random CLIP with its tokenizer, saved as a clip_core checkpoint.
+
+    With ``progress`` its metadata says 12 steps and 768 samples seen (as clip_train's do).
+    """
     torch.manual_seed(seed)
     tok = _tokenizer()
-    meta = {"progress": {"step": 12, "epoch": 1, "samples_seen": 768}}
+    meta = {"progress": {"step": 12, "epoch": 1, "samples_seen": 768}} if progress else {}
     return save_checkpoint(_tiny(tok), directory, tok, metadata=meta)
 
 
