@@ -50,14 +50,25 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from clip_train.demo import DemoConfig, run_demo
+    from flows.demo import run_demo_chain
 
-    cfg = DemoConfig(
-        model=args.model, epochs=args.epochs, train_samples=args.train_samples, seed=args.seed
+    if (args.epochs is not None and args.epochs < 1) or args.train_samples < 128:
+        print("clipops demo: --epochs must be >= 1 and --train-samples >= 128", file=sys.stderr)
+        return 2
+    run_demo_chain(
+        args.out,
+        epochs=args.epochs,
+        train_samples=args.train_samples,
+        seed=args.seed,
+        suite=args.suite or _demo_suite(),
     )
-    report = run_demo(args.out, cfg)
-    print(f"report: {args.out}/report.json  checkpoint: {report['checkpoint']}")
     return 0
+
+
+def _demo_suite() -> str:
+    from flows.pretrain import DEMO_SUITE
+
+    return DEMO_SUITE
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -127,7 +138,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from clip_train.config import RunConfigError, load_run_config
     from clip_train.data import DataError
-    from clip_train.run import train
+    from clip_train.run import ClusterError, train
     from clip_train.state import TrainCheckpointError
 
     try:
@@ -140,7 +151,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     try:
         result = train(cfg, resume_from=args.resume_from)
-    except (TrainCheckpointError, DataError) as exc:
+    except (TrainCheckpointError, DataError, ClusterError) as exc:
         print(f"clipops train: error: {exc}", file=sys.stderr)
         return 2
     print(
@@ -192,6 +203,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_overlap(args: argparse.Namespace) -> int:
+    from clip_overlap import cli
+
+    return cli.cmd_overlap(args) if args.command == "overlap" else cli.cmd_detector(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
@@ -203,12 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_cmd_models)
 
-    p = sub.add_parser("demo", help="the main job: pretrain a tiny CLIP on synthetic data (CPU)")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--model", default="tiny-vit", help="model config name (default: tiny-vit)")
-    p.add_argument("--epochs", type=int, default=10)
+    p = sub.add_parser(
+        "demo",
+        help="the main job: the full pretrain flow (ingest, validate, Ray Train, eval, registry)",
+    )
+    p.add_argument("--out", default="runs/demo", help="run directories (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the tiny recipe's")
     p.add_argument("--train-samples", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--suite", default=None, help="eval suite YAML (default: configs/demo-suite)")
     p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser("ingest", help="validate a source into Parquet shards and a quarantine")
@@ -285,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (1 is fastest for tiny models on a busy machine)",
     )
     p.set_defaults(handler=_cmd_eval)
+
+    from clip_overlap.cli import add_detector_arguments, add_overlap_arguments
+
+    p = sub.add_parser("overlap", help="data-overlap analysis: eval sets vs pretraining shards")
+    add_overlap_arguments(p)
+    p.set_defaults(handler=_cmd_overlap)
+    p = sub.add_parser("overlap-detector", help="train the near-duplicate detector (overlap)")
+    add_detector_arguments(p)
+    p.set_defaults(handler=_cmd_overlap)
     return parser
 
 

@@ -200,14 +200,52 @@ def _root_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
+class ClusterError(RuntimeError):
+    """The configured Ray cluster cannot be joined (address, token authentication)."""
+
+
+def _connect(cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """Start a local Ray cluster, or join ``infra.ray_address`` (token from the environment)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    where = cfg.infra.ray_address
+    try:
+        ray.init(
+            address=where or "local",  # never join a stranger's cluster by accident
+            num_cpus=None if where else cfg.infra.local_cpus,
+            log_to_driver=False,
+        )
+    except (RuntimeError, ConnectionError, ray.exceptions.RayError) as exc:
+        if not where:
+            raise
+        chain: list[BaseException] = [exc]
+        while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None:
+            chain.append(nxt)
+        text = " ".join(str(e) for e in chain)
+        hint = (
+            "the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+            "(or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+            if "AuthToken" in text or "AuthenticationError" in text
+            else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        )
+        raise ClusterError(f"cannot join the Ray cluster at {where}: {hint}") from None
+    cpus = ray.cluster_resources().get("CPU", 0)
+    log(
+        f"connected to Ray cluster at {where} ({cpus:g} CPUs)"
+        if where
+        else f"started a local Ray cluster ({cpus:g} logical CPUs)"
+    )
+
+
 def train(
     cfg: RunConfig, resume_from: str | None = None, log: Callable[[str], None] = print
 ) -> TrainResult:
     """Pretrain ``cfg`` on Ray Train; resumes a previous attempt with the same run name."""
-    import ray
-
     seed_everything(cfg.seed)
     job, urls, version = plan(cfg, resume_from)
+    _connect(cfg, log)
     target = _tracking(cfg, version)
     job = JobSpec(**{**job.__dict__, "tracking": target})
     log(
@@ -215,12 +253,6 @@ def train(
         f"{cfg.infra.num_workers} workers x batch {cfg.per_worker_batch}, "
         f"mlflow run {target.run_id}"
     )
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.infra.ray_address or "local",  # never join a stranger's cluster
-            num_cpus=None if cfg.infra.ray_address else cfg.infra.local_cpus,
-            log_to_driver=False,
-        )
     image_size = int(job.model_config["vision"]["image_size"])
     dataset = build_dataset(
         urls,

@@ -1,11 +1,24 @@
-"""Pretraining with shards and run storage on S3 (moto's HTTP endpoint on loopback)."""
+"""Pretraining on an existing Ray cluster with shards and run storage on S3.
+
+The cluster is a real one started with ``ray start --head`` (its own temp dir and process
+group, so nothing else on the machine is touched); S3 is moto's HTTP endpoint on loopback.
+The cluster's processes get the S3 credentials from their own environment, as cluster nodes
+do in production; the driver only gets the address.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +27,63 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_train_reads_shards_from_s3_and_checkpoints_to_s3(
-    moto_s3: tuple[str, Any], tmp_path: Path
+RAY_TOKEN_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
+def _s3_env(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture()
+def ray_cluster(moto_s3: tuple[str, Any]) -> Iterator[str]:
+    """``ray start --head --block`` with 4 logical CPUs; yields its GCS address."""
+    port, grpc, listen, runtime_env = (_free_port() for _ in range(4))
+    temp = tempfile.mkdtemp(prefix="/tmp/rc-")  # Ray's socket paths must stay short
+    ray = str(Path(sys.executable).parent / "ray")
+    cmd = [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4"]
+    cmd += [f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"]
+    # fixed agent ports: with dynamic ones the raylet waits for the agent to write its port
+    # to a file and aborts when that takes > 30 s (seen on a loaded 2-core machine)
+    cmd += [f"--dashboard-agent-grpc-port={grpc}", f"--dashboard-agent-listen-port={listen}"]
+    cmd += [f"--runtime-env-agent-port={runtime_env}"]
+    env = {**os.environ, **_s3_env(moto_s3[0]), **RAY_TOKEN_ENV}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray start exited with {proc.poll()}")
+                time.sleep(0.5)
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_train_on_existing_cluster_with_shards_and_checkpoints_on_s3(
+    moto_s3: tuple[str, Any], ray_cluster: str, tmp_path: Path
 ) -> None:
-    """Shards on s3://, Ray checkpoints and the final model written to s3://."""
+    """infra.ray_address joins the cluster; shards, checkpoints and final model on s3://."""
     endpoint, client = moto_s3
     client.create_bucket(Bucket="clipops-train")
     clipops = str(Path(sys.executable).parent / "clipops")
@@ -26,13 +92,20 @@ def test_train_reads_shards_from_s3_and_checkpoints_to_s3(
     subprocess.run([clipops, "ingest", source, str(local)], check=True, capture_output=True)
     for path in local.iterdir():
         client.upload_file(str(path), "clipops-train", f"shards/{path.name}")
-    env = {
-        **os.environ,
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = {**os.environ, **_s3_env(endpoint)}
+    settings_without_token = [f"infra.ray_address={ray_cluster}", "infra.run_name=no-token"]
+    denied = subprocess.run(
+        [clipops, "train", "--config", "tiny", "--set=data.shards=s3://clipops-train/shards"]
+        + [f"--set={s}" for s in settings_without_token],
+        env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")},
+        text=True,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert denied.returncode == 2, denied.stderr[-2000:]
+    assert "RAY_AUTH_TOKEN" in denied.stderr and "Traceback" not in denied.stderr
+    env.update(RAY_TOKEN_ENV)  # the driver holds the cluster's token, from its environment
     settings = [
         "data.shards=s3://clipops-train/shards",
         "data.global_batch_size=64",
@@ -40,6 +113,7 @@ def test_train_reads_shards_from_s3_and_checkpoints_to_s3(
         "checkpoint.every_steps=2",
         "infra.storage_path=s3://clipops-train/runs",
         "infra.run_name=s3-run",
+        f"infra.ray_address={ray_cluster}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "tracking.system_metrics=false",
     ]
@@ -54,6 +128,7 @@ def test_train_reads_shards_from_s3_and_checkpoints_to_s3(
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout[done.stdout.index("{") :])
     assert result["steps"] == 4
+    assert f"connected to Ray cluster at {ray_cluster}" in done.stdout, done.stdout[-2000:]
     assert result["final_model"] == "s3://clipops-train/runs/s3-run/final"
     keys = {
         o["Key"]
