@@ -16,6 +16,8 @@ raw bytes) and/or a ``text`` column; params ``task`` (``embed`` | ``zero_shot``)
 
 Malformed input raises ``MlflowException`` with error code ``INVALID_PARAMETER_VALUE``, which
 MLflow's scoring server answers with HTTP 400 and the message.
+
+The model runs on ``$CLIPOPS_SERVE_DEVICE`` (default ``cpu``; e.g. ``cuda`` on a GPU host).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from clip_core.model import CLIP
 from clip_core.tokenizer import ClipTokenizer
 from clip_core.transforms import EvalTransform, decode_image
 from clip_core.zeroshot import build_classifier
+from clip_registry.device import serving_device
 from clip_registry.request import ClipRequest, RequestError, parse_request
 
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -42,18 +45,19 @@ BATCH = 64
 class ClipEmbedder:
     """Embeddings and zero-shot predictions of one loaded checkpoint (no MLflow involved)."""
 
-    def __init__(self, model: CLIP, tokenizer: ClipTokenizer) -> None:
-        self.model = model.eval()
+    def __init__(self, model: CLIP, tokenizer: ClipTokenizer, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
         self.transform = EvalTransform(model.image_size)
 
     @classmethod
-    def from_checkpoint(cls, directory: str) -> ClipEmbedder:
+    def from_checkpoint(cls, directory: str, device: str = "cpu") -> ClipEmbedder:
         """Load a clip_core checkpoint directory (it must include its tokenizer)."""
         loaded = load_checkpoint(directory)
         if loaded.tokenizer is None:
             raise ValueError(f"checkpoint {directory} has no tokenizer; it cannot be served")
-        return cls(loaded.model, loaded.tokenizer)
+        return cls(loaded.model, loaded.tokenizer, device)
 
     @torch.no_grad()
     def embed_images(
@@ -73,19 +77,24 @@ class ClipEmbedder:
                     f"row {row}: column 'image' is not a decodable image ({exc})"
                 ) from exc
         out = [
-            F.normalize(self.model.encode_image(torch.stack(pixels[s : s + BATCH])), dim=-1)
+            F.normalize(
+                self.model.encode_image(torch.stack(pixels[s : s + BATCH]).to(self.device)), dim=-1
+            ).cpu()
             for s in range(0, len(pixels), BATCH)
         ]  # [b, D] each
         return torch.cat(out)  # [N, D]
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [B, L] on the model's device (texts longer than the context are cut)."""
+        return self.tokenizer(texts, truncate=True).to(self.device)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts -> normalised embeddings [N, D] (texts longer than the context are cut)."""
         out = [
             F.normalize(
-                self.model.encode_text(self.tokenizer(list(texts[s : s + BATCH]), truncate=True)),
-                dim=-1,
-            )
+                self.model.encode_text(self._tokens(list(texts[s : s + BATCH]))), dim=-1
+            ).cpu()
             for s in range(0, len(texts), BATCH)
         ]  # [b, D] each
         return torch.cat(out)  # [N, D]
@@ -97,11 +106,9 @@ class ClipEmbedder:
         """Class probabilities [N, C] over ``labels`` (prompt-ensembled classifier)."""
         feats = self.embed_images(images)  # [N, D]
 
-        def tokenize(texts: list[str]) -> torch.Tensor:
-            return self.tokenizer(texts, truncate=True)
-
-        weights = build_classifier(self.model.encode_text, tokenize, labels, templates)  # [C, D]
-        logits = self.model.logit_scale.exp() * feats @ weights.T  # [N, C]
+        weights = build_classifier(self.model.encode_text, self._tokens, labels, templates)
+        scale = self.model.logit_scale.exp().cpu()
+        logits = scale * feats @ weights.cpu().T  # [N, C]
         return logits.softmax(dim=-1)
 
     def predict(self, request: ClipRequest) -> list[dict[str, Any]]:
@@ -163,7 +170,9 @@ class ClipPyfuncModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Load the checkpoint directory logged as artifact ``checkpoint``."""
-        self.embedder = ClipEmbedder.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.embedder = ClipEmbedder.from_checkpoint(
+            context.artifacts[CHECKPOINT_ARTIFACT], serving_device()
+        )
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None

@@ -159,6 +159,10 @@ def test_decide_first_improve_tie_regress() -> None:
     assert decide(regress, champ, PromotionRule(max_regression=0.2)).promote
     assert decide(regress, champ, PromotionRule(guarded_prefixes=("linear_probe/",))).promote
 
+    unevaluated_champion = decide(better, {}, rule)  # e.g. registered without --eval-dir
+    assert unevaluated_champion.promote
+    assert "champion has no value" in unevaluated_champion.reasons[0]
+
     missing = decide({"zero_shot/a/top1": 0.9}, champ, rule)
     assert not missing.promote and "has no zero_shot/mean/top1" in missing.reasons[0]
 
@@ -187,3 +191,21 @@ def test_version_metrics_reads_metric_tags_only() -> None:
         "clipops.metric.b": "?",
     }
     assert version_metrics(tags) == {"zero_shot/a/top1": 0.25}
+
+
+def test_serving_device_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from clip_registry.device import DEVICE_ENV, serving_device
+
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    assert serving_device() == "cpu"
+    monkeypatch.setenv(DEVICE_ENV, "bogus")
+    with pytest.raises(ValueError, match="is not a torch device"):
+        serving_device()
+    monkeypatch.setenv(DEVICE_ENV, "cuda")
+    if torch.cuda.is_available():
+        assert serving_device() == "cuda"
+    else:
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            serving_device()
