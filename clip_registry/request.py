@@ -10,8 +10,8 @@ column, plus params:
   ``["a photo of a {}."]``).
 
 An image cell is the encoded file (PNG, JPEG, ...) as raw ``bytes`` or as a base64 string
-(the only way to carry bytes in JSON). Every problem raises :class:`RequestError` with a
-one-line message naming the row or param at fault.
+(the only way to carry bytes in JSON; a ``data:image/...;base64,`` URL works too). Every
+problem raises :class:`RequestError` with a one-line message naming the row or param at fault.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def decode_image_cell(value: Any, row: int) -> bytes | None:
     if isinstance(value, bytes | bytearray | memoryview):
         data = bytes(value)
     elif isinstance(value, str):
+        if value.startswith("data:") and ";base64," in value[:100]:  # a data URL
+            value = value.split(",", 1)[1]
         try:
             data = base64.b64decode("".join(value.split()), validate=True)
         except (binascii.Error, ValueError) as exc:

@@ -40,6 +40,8 @@ def test_parse_request_embed_mixed_rows() -> None:
     assert req.images == (PNG, PNG, None)
     assert req.texts == (None, "a dog", "a cat")
     nan = float("nan")  # how pandas fills a missing cell of dataframe_records
+    req = parse_request({"image": [f"data:image/png;base64,{B64}"]}, None)
+    assert req.images == (PNG,)
     req = parse_request({"text": ["x", "y"], "image": [nan, B64]}, None)
     assert req.images == (None, PNG) and req.texts == ("x", "y")
 
