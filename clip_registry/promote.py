@@ -242,11 +242,15 @@ def apply_rule(
     fresh = {str(k): dict(v) for k, v in (metrics or {}).items()}
 
     def metrics_of(v: str) -> dict[str, float]:
-        if v in fresh:
-            return fresh[v]
-        return version_metrics(client.get_model_version(name, v).tags)
+        from mlflow.exceptions import MlflowException
 
-    cand_metrics = metrics_of(candidate)  # also checks that the version exists
+        try:
+            tags = client.get_model_version(name, v).tags  # also checks that it exists
+        except MlflowException as exc:
+            raise LookupError(f"registered model {name!r} has no version {v}") from exc
+        return fresh[v] if v in fresh else version_metrics(tags)
+
+    cand_metrics = metrics_of(candidate)
     champion = _alias_version(client, name, CHAMPION)
     after: str | None
     reasons: tuple[str, ...]

@@ -182,6 +182,8 @@ def test_apply_rule_with_fresh_metrics(store: dict[str, Any]) -> None:
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     with pytest.raises(LookupError, match="no 'candidate' alias"):
         apply_rule("no-such-model", tracking_uri=uri)
+    with pytest.raises(LookupError, match="has no version 99"):
+        apply_rule(NAME, version="99", tracking_uri=uri)
 
 
 def test_cli_errors(store: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
