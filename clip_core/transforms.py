@@ -17,12 +17,15 @@ from __future__ import annotations
 import io
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
+
+_T = TypeVar("_T")
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -37,6 +40,7 @@ __all__ = [
     "eval_transform",
     "to_normalized_tensor",
     "train_transform",
+    "verify_image",
 ]
 
 #: Per-channel RGB mean used by OpenAI CLIP (on pixel values scaled to [0, 1]).
@@ -191,6 +195,26 @@ def decode_image(
         ValueError: ``max_pixels`` is not a positive int.
         TypeError: ``data`` is not bytes-like.
     """
+    return _decode(data, max_pixels, _to_rgb)
+
+
+def verify_image(
+    data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
+    """``(width, height)`` after the same checks and full decode as :func:`decode_image`.
+
+    For validation without the pixels: it skips the RGB conversion (a copy of every pixel)
+    and raises exactly what :func:`decode_image` raises for the same bytes.
+    """
+    return _decode(data, max_pixels, lambda image: image.size)
+
+
+def _decode(
+    data: bytes | bytearray | memoryview,
+    max_pixels: int,
+    finish: Callable[[Image.Image], _T],
+) -> _T:
+    """Open ``data``, check the declared size, load every pixel, then ``finish(image)``."""
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -211,7 +235,7 @@ def decode_image(
             if width <= 0 or height <= 0:
                 raise ImageDecodeError(f"image declares an empty size {width}x{height}")
             opened.load()  # decode all pixel data now: truncation / corruption surfaces here
-            return _to_rgb(opened)
+            return finish(opened)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -28,6 +28,7 @@ from clip_core.transforms import (
     ImageDecodeError,
     ImageTooLargeError,
     decode_image,
+    verify_image,
 )
 from clip_data.records import SPLITS, RawRecord
 
@@ -207,18 +208,22 @@ def _check_image(  # noqa: PLR0911 - one early return per reason code
     """Decode ``data`` to verify it; ``(width, height, bytes to store)`` or a Rejection."""
     if len(data) == 0:
         return _reject(record, "empty_image", "image is 0 bytes")
+    decoded: Image.Image | None = None
     try:
-        decoded = decode_image(data, max_pixels=config.max_pixels)
+        if config.reencode is None:  # verify only: no RGB copy of the pixels
+            width, height = verify_image(data, max_pixels=config.max_pixels)
+        else:
+            decoded = decode_image(data, max_pixels=config.max_pixels)
+            width, height = decoded.size
     except ImageTooLargeError as exc:
         return _reject(record, "decompression_bomb", str(exc))
     except ImageDecodeError as exc:
         return _reject(record, "decode_error", str(exc))
     except Exception as exc:  # safety net: any other failure to decode is about the data too
         return _reject(record, "decode_error", f"{type(exc).__name__}: {exc}")
-    width, height = decoded.size
-    if config.reencode is not None:
-        data = _encode(decoded, config.reencode, config.reencode_quality)
-    decoded.close()
+    if decoded is not None:
+        data = _encode(decoded, str(config.reencode), config.reencode_quality)
+        decoded.close()
     if width < config.min_side or height < config.min_side:
         return _reject(
             record, "too_small", f"image is {width}x{height}, below min_side={config.min_side}"

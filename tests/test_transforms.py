@@ -27,6 +27,7 @@ from clip_core.transforms import (
     eval_transform,
     to_normalized_tensor,
     train_transform,
+    verify_image,
 )
 
 MEAN = torch.tensor(OPENAI_MEAN).view(3, 1, 1)  # [3, 1, 1]
@@ -593,3 +594,38 @@ def test_collate_errors() -> None:
         collate_images([torch.zeros(3, 4, 4), torch.zeros(3, 4, 4, dtype=torch.float64)])
     with pytest.raises(ValueError, match="C, H, W"):
         collate_images([torch.zeros(16, 16)])
+
+
+def _bomb_png() -> bytes:
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 10)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat)
+
+
+@pytest.mark.parametrize(
+    "case", ["ok", "truncated_jpeg", "corrupt_png", "empty", "not_image", "bomb", "palette"]
+)
+def test_verify_image_agrees_with_decode_image(case: str) -> None:
+    """verify_image (ingest's check, no RGB copy) accepts and rejects exactly like decode_image."""
+    jpeg = _encode(_noise(48, 32), "JPEG")
+    corrupt = bytearray(_encode(_noise(32, 32), "PNG"))
+    corrupt[60:200] = b"\xff" * 140
+    data = {
+        "ok": jpeg,
+        "truncated_jpeg": jpeg[: len(jpeg) // 2],
+        "corrupt_png": bytes(corrupt),
+        "empty": b"",
+        "not_image": b"hello world, not an image",
+        "bomb": _bomb_png(),
+        "palette": _encode(_noise(20, 10).convert("P"), "PNG", transparency=0),
+    }[case]
+    try:
+        expected: Any = decode_image(data, max_pixels=10_000_000).size
+    except (ImageDecodeError, ImageTooLargeError) as exc:
+        expected = type(exc)
+    try:
+        got: Any = verify_image(data, max_pixels=10_000_000)
+    except (ImageDecodeError, ImageTooLargeError) as exc:
+        got = type(exc)
+    assert got == expected
+    assert (case in ("ok", "palette")) == isinstance(got, tuple)
