@@ -8,6 +8,7 @@ fresh process is covered by tests/test_serving.py: the scoring server is one).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,13 +109,17 @@ def test_register_first_run_becomes_champion(store: dict[str, Any]) -> None:
     assert mv.description.count("## Promotion decision") == 1
 
 
-def test_logged_model_has_no_pickle(store: dict[str, Any]) -> None:
+def test_logged_model_has_no_pickle_and_takes_raw_bytes(store: dict[str, Any]) -> None:
     import mlflow
+    import pandas as pd  # type: ignore[import-untyped]
+
+    from clip_registry.logged import example_png
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store["uri"])  # models:/ URIs resolve through the global store
     try:
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     finally:
         mlflow.set_tracking_uri(previous)
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
@@ -123,6 +128,13 @@ def test_logged_model_has_no_pickle(store: dict[str, Any]) -> None:
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
     mlmodel = (local / "MLmodel").read_text()
     assert "model_code_path" in mlmodel and "python_model.pkl" not in mlmodel
+
+    # in-process callers may pass the encoded image as raw bytes instead of base64
+    png = example_png()
+    frame = pd.DataFrame({"image": [png, base64.b64encode(png).decode()]})
+    out = model.predict(frame, params={"task": "embed"})
+    raw, b64 = out["image_embedding"]
+    assert len(raw) == 128 and raw == pytest.approx(b64)
 
 
 def test_better_run_promoted_regressing_run_rejected(
