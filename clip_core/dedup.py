@@ -201,7 +201,7 @@ def augment_batch(
     x = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
     parts = []
     for part in x.chunk(4):  # [b/4, 3, R, R]
-        small = max(4, round(image_size * float(uniform(0.4, 0.9, 1))))
+        small = max(4, round(image_size * float(uniform(0.6, 1.0, 1))))
         down = F.interpolate(part, size=small, mode="bilinear", antialias=True)
         parts.append(F.interpolate(down, size=image_size, mode="bilinear"))
     x = torch.cat(parts)  # [B, 3, R, R]
