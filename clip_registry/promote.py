@@ -20,7 +20,7 @@ again with the same reasons.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -266,6 +266,26 @@ def apply_rule(
     decision = Decision(name, candidate, champion, after, outcome, reasons)
     _record(client, decision, rule)
     return decision
+
+
+def apply_rule_to_records(
+    name: str,
+    version: str | int,
+    records: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    rule: PromotionRule | None = None,
+    tracking_uri: str | None = None,
+    client: Any = None,
+) -> Decision:
+    """:func:`apply_rule` with fresh evaluation records (``clipops eval`` / ``run_suite``
+    output) per version string, e.g. ``{"7": champion_records, "9": candidate_records}``;
+    the metric keys are those of :func:`clip_registry.metrics.headline_metrics`."""
+    from clip_registry.metrics import headline_metrics
+
+    fresh = {str(v): headline_metrics(recs) for v, recs in records.items()}
+    return apply_rule(
+        name, version=version, rule=rule, metrics=fresh, tracking_uri=tracking_uri, client=client
+    )
 
 
 def _record(client: Any, decision: Decision, rule: PromotionRule) -> None:

@@ -179,7 +179,7 @@ def test_better_run_promoted_regressing_run_rejected(
 
 def test_apply_rule_with_fresh_metrics(store: dict[str, Any]) -> None:
     """What the nightly evaluation does: fresh numbers for champion and candidate."""
-    from clip_registry.promote import PromotionRule, apply_rule
+    from clip_registry.promote import PromotionRule, apply_rule, apply_rule_to_records
 
     uri = store["uri"]
     client = _client(uri)
@@ -192,6 +192,14 @@ def test_apply_rule_with_fresh_metrics(store: dict[str, Any]) -> None:
         "1",
     )
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    # the same through evaluation records: v3's fresh zero-shot beats v1's
+    records = {
+        "1": [{"dataset": "synth", "task": "zero_shot", "metrics": {"top1": 0.5}}],
+        "3": [{"dataset": "synth", "task": "zero_shot", "metrics": {"top1": 0.7}}],
+    }
+    decision = apply_rule_to_records(NAME, 3, records, tracking_uri=uri)
+    assert (decision.outcome, decision.champion_after) == ("promoted", "3")
+    assert "0.7000 vs champion 0.5000" in decision.reasons[0]
     with pytest.raises(LookupError, match="no 'candidate' alias"):
         apply_rule("no-such-model", tracking_uri=uri)
     with pytest.raises(LookupError, match="has no version 99"):
