@@ -185,7 +185,8 @@ def _lineage(
             client.log_artifact(run_id, str(f), EVAL_ARTIFACT)
         step = int(steps) if steps.isdigit() else 0
         for key, value in metrics.items():
-            client.log_metric(run_id, f"eval/{key}", value, step=step)
+            if run.data.metrics.get(f"eval/{key}") != value:  # a rerun adds no duplicates
+                client.log_metric(run_id, f"eval/{key}", value, step=step)
         tags["clipops.eval_artifacts"] = f"runs:/{run_id}/{EVAL_ARTIFACT}"
         summary = eval_dir / "summary.md"
         summary_md = summary.read_text(encoding="utf-8") if summary.is_file() else ""

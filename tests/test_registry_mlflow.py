@@ -107,6 +107,7 @@ def test_register_first_run_becomes_champion(store: dict[str, Any]) -> None:
     mv = client.get_model_version(NAME, "1")
     assert mv.tags["clipops.promotion.decision"] == "promoted"
     assert mv.description.count("## Promotion decision") == 1
+    assert len(client.get_metric_history(run_a, "eval/zero_shot/synth/top1")) == 1
 
 
 def test_logged_model_has_no_pickle_and_takes_raw_bytes(store: dict[str, Any]) -> None:
