@@ -50,8 +50,9 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo_chain
+    from flows.demo import prefect_defaults, run_demo_chain
 
+    prefect_defaults()  # before Prefect is imported
     if (args.epochs is not None and args.epochs < 1) or args.train_samples < 128:
         print("clipops demo: --epochs must be >= 1 and --train-samples >= 128", file=sys.stderr)
         return 2
@@ -66,7 +67,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_suite() -> str:
-    from flows.pretrain import DEMO_SUITE
+    from flows.defaults import DEMO_SUITE
 
     return DEMO_SUITE
 

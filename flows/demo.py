@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flows.pretrain import DEMO_SOURCE, DEMO_SUITE
+from flows.defaults import DEMO_SOURCE, DEMO_SUITE
 
 
 def demo_source(train_samples: int, seed: int) -> str:
@@ -28,8 +28,11 @@ def demo_source(train_samples: int, seed: int) -> str:
     return f"synthetic:train={train_samples},test={test},seed={seed},image_size=64"
 
 
-def _prefect_defaults() -> None:
-    """Ephemeral Prefect on a busy 2-core machine needs more than the 20 s start-up default."""
+def prefect_defaults() -> None:
+    """Ephemeral Prefect on a busy 2-core machine needs more than the 20 s start-up default.
+
+    Prefect reads its settings when it is first imported: call this before that.
+    """
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -80,7 +83,7 @@ def run_demo_chain(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the pretrain flow on the embedded defaults; returns the flow's result."""
-    _prefect_defaults()
+    prefect_defaults()
     from flows.pretrain import pretrain
 
     overrides = [f"seed={seed}"]

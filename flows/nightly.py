@@ -101,6 +101,18 @@ def log_nightly_run(
     return run_id
 
 
+@task(name="refresh-aliases", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def refresh_aliases(tracking_uri: str, evaluated: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluated versions with their aliases as they are now (after promotion)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return [
+        {**e, "aliases": sorted(client.get_model_version(e["name"], e["version"]).aliases)}
+        for e in evaluated
+    ]
+
+
 @flow(name="nightly-eval", log_prints=True)
 def nightly_eval(  # noqa: PLR0917 - flow parameters are passed by name
     model_name: str | None = None,
@@ -111,6 +123,7 @@ def nightly_eval(  # noqa: PLR0917 - flow parameters are passed by name
     eval_threads: int | None = 1,
 ) -> dict[str, Any]:
     """Evaluate the champion and new candidates, apply the promotion rule, publish a table."""
+    from clip_registry.metrics import headline_metrics as registry_headline
     from clip_train.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -128,11 +141,13 @@ def nightly_eval(  # noqa: PLR0917 - flow parameters are passed by name
                 **v,
                 "nightly_run_id": nightly_run,
                 "metrics": headline_metrics(evaluation["records"]),
+                "registry_metrics": registry_headline(evaluation["records"]),
                 "all_metrics": eval_metrics(evaluation["records"]),
                 "results": evaluation["results"],
             }
         )
     decisions = promote_versions(uri, evaluated) if promote else []
+    evaluated = refresh_aliases(uri, evaluated)
     rows = comparison_rows(evaluated)
     create_table_artifact(rows, key="nightly-eval", description=f"suite {suite}")
     text = rows_markdown(rows, "Nightly evaluation")
@@ -142,6 +157,25 @@ def nightly_eval(  # noqa: PLR0917 - flow parameters are passed by name
     return {"evaluated": evaluated, "decisions": decisions, "out_dir": str(root)}
 
 
+@task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def promote_versions(tracking_uri: str, evaluated: list[dict[str, Any]]) -> list[str]:
-    """Apply the registry's promotion rule to each model's newest evaluated candidate."""
-    return []
+    """The registry's promotion rule on tonight's metrics, candidates in version order.
+
+    Each non-champion version evaluated tonight is compared with the champion of the moment
+    (both on tonight's metrics); the decision is recorded on the version by the registry.
+    """
+    from clip_registry.promote import apply_rule
+
+    decisions: list[str] = []
+    for name in sorted({e["name"] for e in evaluated}):
+        mine = [e for e in evaluated if e["name"] == name]
+        fresh = {e["version"]: e["registry_metrics"] for e in mine}
+        for e in sorted(mine, key=lambda e: int(e["version"])):
+            if CHAMPION in e["aliases"]:
+                continue
+            d = apply_rule(name, version=e["version"], metrics=fresh, tracking_uri=tracking_uri)
+            decisions.append(
+                f"{name} v{d.candidate}: {d.outcome} (champion {d.champion_before or 'none'} -> "
+                f"{d.champion_after or 'none'}): " + "; ".join(d.reasons)
+            )
+    return decisions

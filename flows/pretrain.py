@@ -21,19 +21,17 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import stages
+from flows.defaults import DEMO_SOURCE
 from flows.summaries import (
     data_markdown,
     eval_rows,
     headline_metrics,
+    overlap_rows,
+    registry_markdown,
     rows_markdown,
     training_markdown,
     validation_markdown,
 )
-
-#: The demo corpus: procedural image-caption pairs with held-out colour/shape compositions.
-DEMO_SOURCE = "synthetic:train=2048,test=512,seed=0,image_size=64"
-#: The demo suite: the default suite plus Fashion-MNIST zero-shot and linear probe.
-DEMO_SUITE = str(Path(__file__).resolve().parent.parent / "configs" / "demo-suite.yaml")
 
 
 def default_run_name(recipe: str) -> str:
@@ -99,6 +97,32 @@ def _publish_eval(evaluation: dict[str, Any], trained: dict[str, Any]) -> None:
     )
 
 
+def _overlap_stage(
+    shards: str, suite: str, model_dir: str, out: Path, detector: str | None
+) -> dict[str, Any]:
+    report = stages.overlap_analysis(shards, suite, model_dir, str(out / "overlap"), detector)
+    create_table_artifact(
+        overlap_rows(report), key="pretrain-overlap", description="train/eval overlap"
+    )
+    return report
+
+
+def _register_stage(
+    trained: dict[str, Any], model_name: str | None, out: Path, overlap_report: str | None
+) -> dict[str, Any]:
+    registered = stages.register_model(
+        trained["mlflow_run_id"],
+        name=model_name,
+        eval_dir=str(out / "eval"),
+        overlap_report=overlap_report,
+        tracking_uri=trained["tracking_uri"],
+    )
+    create_markdown_artifact(
+        registry_markdown(registered), key="pretrain-registry", description="MLflow registry"
+    )
+    return registered
+
+
 @flow(name="pretrain", log_prints=True)
 def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
     recipe: str = "tiny",
@@ -115,6 +139,9 @@ def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
     run_name: str | None = None,
     model_name: str | None = None,
     eval_threads: int | None = 1,
+    overlap: bool = True,
+    overlap_detector: str | None = None,
+    registry: bool = True,
 ) -> dict[str, Any]:
     """Pretrain a CLIP from a data source (or existing shards) to a registered candidate.
 
@@ -132,6 +159,10 @@ def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
         run_name: training run name (default ``<recipe>-<UTC time>``).
         model_name: registered model name (default: derived from the model config).
         eval_threads: torch threads for evaluation (1 is fastest on a busy small machine).
+        overlap: run the overlap analysis of the shards against the suite's datasets.
+        overlap_detector: ``None``: the CLIP image tower finds duplicates; ``"train"``: train
+            the tiny dedicated detector on the shards first; else a trained detector dir.
+        registry: register the model (``candidate`` alias, then the champion rule).
     """
     name = run_name or default_run_name(recipe)
     out = Path(out_dir) / name
@@ -153,11 +184,16 @@ def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
         training_markdown(trained, curve), key="pretrain-training", description="training run"
     )
     model_dir = stages.local_model(trained["final_model"], str(out / "model"))
+    report = None
+    if overlap and shard_dir is not None:
+        report = _overlap_stage(shard_dir, suite, model_dir, out, overlap_detector)
     evaluation = stages.evaluate_model(
         model_dir, suite, str(out / "eval"), str(out / "feature_cache"), eval_threads
     )
     stages.log_eval(trained["tracking_uri"], trained["mlflow_run_id"], evaluation)
     _publish_eval(evaluation, trained)
+    overlap_path = None if report is None else str(report["report_path"])
+    registered = _register_stage(trained, model_name, out, overlap_path) if registry else None
     return {
         "run_name": name,
         "run_dir": str(out),
@@ -168,5 +204,6 @@ def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
         "eval_results": evaluation["results"],
         "eval_summary": evaluation["summary"],
         "headline": headline_metrics(evaluation["records"]),
-        "model_name": model_name,
+        "overlap_report": overlap_path,
+        "registered": registered,
     }

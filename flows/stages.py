@@ -170,6 +170,72 @@ def log_eval(tracking_uri: str, run_id: str, evaluation: dict[str, Any]) -> dict
     return metrics
 
 
+@task(name="overlap", cache_policy=NONE)
+def overlap_analysis(
+    shards: str, suite: str, model: str, out_dir: str, detector: str | None = None
+) -> dict[str, Any]:
+    """``clipops overlap --train SHARDS --suite SUITE --model CKPT --out DIR [--detector D]``.
+
+    ``detector`` ``None`` uses the CLIP image tower as the duplicate detector; ``"train"``
+    first trains the tiny dedicated detector on the shards (``clipops overlap-detector
+    --tiny``) into ``OUT_DIR/detector``; anything else is a trained detector directory.
+    """
+    from clip_overlap.pipeline import run_overlap
+
+    if detector == "train":
+        from clip_overlap.detector import DetectorTrainConfig, train_detector
+
+        detector = str(train_detector(shards, f"{out_dir}/detector", DetectorTrainConfig.tiny()))
+    report = run_overlap(
+        shards,
+        suite,
+        model,
+        out_dir,
+        detector=detector,
+        embedding="clip" if detector is None else "detector",
+    )
+    report["report_path"] = f"{out_dir}/overlap.json"
+    return report
+
+
+@task(
+    name="register",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=transient,
+    cache_policy=NONE,
+)
+def register_model(
+    run_id: str,
+    *,
+    name: str | None,
+    eval_dir: str,
+    overlap_report: str | None,
+    tracking_uri: str,
+) -> dict[str, Any]:
+    """``clipops register --run RUN_ID``: a new version with ``candidate``; the champion rule."""
+    from clip_registry.register import register_run
+
+    reg = register_run(
+        run_id,
+        name=name,
+        eval_dir=eval_dir,
+        overlap_report=overlap_report,
+        tracking_uri=tracking_uri,
+    )
+    return {
+        "name": reg.name,
+        "version": reg.version,
+        "aliases": list(reg.aliases),
+        "model_uri": reg.model_uri,
+        "created": reg.created,
+        "outcome": reg.decision.outcome,
+        "champion_before": reg.decision.champion_before,
+        "champion_after": reg.decision.champion_after,
+        "reasons": list(reg.decision.reasons),
+    }
+
+
 def scratch_dir(prefix: str) -> str:
     """A fresh temporary directory (for downloads that need not outlive the flow)."""
     return tempfile.mkdtemp(prefix=prefix)

@@ -20,7 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-CODE = ("clip_core", "clip_data", "clip_train", "clip_eval", "flows", "configs")
+CODE = ("clip_core", "clip_data", "clip_train", "clip_eval", "clip_overlap", "flows", "configs")
 
 
 def _dvc(repo: Path, *args: str, timeout: float = 900) -> str:
@@ -70,13 +70,14 @@ def repo(tmp_path: Path) -> Path:
 
 
 def _ran(out: str) -> set[str]:
-    return {s for s in ("ingest", "validate", "train", "evaluate") if f"Running stage '{s}'" in out}
+    stages = ("ingest", "validate", "train", "overlap", "evaluate")
+    return {s for s in stages if f"Running stage '{s}'" in out}
 
 
 @pytest.mark.slow
 def test_repro_runs_all_then_nothing_then_only_what_a_param_touches(repo: Path) -> None:
     first = _dvc(repo, "repro")
-    assert _ran(first) == {"ingest", "validate", "train", "evaluate"}, first[-3000:]
+    assert _ran(first) == {"ingest", "validate", "train", "overlap", "evaluate"}, first[-3000:]
     manifest = json.loads((repo / "pipeline/shards/manifest.json").read_text())
     assert manifest["counts"]["accepted"] == 288
     assert json.loads((repo / "pipeline/validated/validation.json").read_text())["success"]
@@ -88,6 +89,8 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_touches(repo: Path) 
     assert [int(r["step"]) for r in loss] == [1, 2, 3, 4]  # 256 rows / 64 per step, one epoch
     with (repo / "pipeline/reports/zeroshot_vs_probe.csv").open() as f:
         assert [r["dataset"] for r in csv.DictReader(f)] == ["synthetic-test"]
+    overlap = json.loads((repo / "pipeline/overlap/overlap.json").read_text())
+    assert set(overlap["datasets"]) and (repo / "pipeline/overlap/overlap.md").is_file()
     shown = _dvc(repo, "metrics", "show", "--json")
     assert "eval/synthetic-test/linear_probe/top1" in shown
 
@@ -99,5 +102,5 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_touches(repo: Path) 
     params["train"]["lr"] = 0.001
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     third = _dvc(repo, "repro")
-    assert _ran(third) == {"train", "evaluate"}, third[-3000:]
+    assert _ran(third) == {"train", "overlap", "evaluate"}, third[-3000:]
     assert "Stage 'ingest' didn't change" in third and "Stage 'validate' didn't change" in third

@@ -224,8 +224,8 @@ def test_export_eval_writes_dvc_metrics_and_the_zero_shot_vs_probe_rows(tmp_path
 
 
 def test_demo_closing_text_names_every_place(tmp_path: Path) -> None:
+    from flows.defaults import DEMO_SOURCE
     from flows.demo import demo_source, where_everything_is
-    from flows.pretrain import DEMO_SOURCE
 
     assert demo_source(2048, 0) == DEMO_SOURCE
     assert demo_source(256, 3) == "synthetic:train=256,test=64,seed=3,image_size=64"

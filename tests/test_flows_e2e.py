@@ -144,9 +144,9 @@ def test_deployments_run_on_a_process_worker(prefect: Prefect, tmp_path: Path) -
     )
     assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
     arts = _artifacts(prefect, flow_run["id"])
-    assert {"pretrain-data", "pretrain-validation", "pretrain-training", "pretrain-eval"} <= set(
-        arts
-    ), sorted(arts)
+    expected = {"pretrain-data", "pretrain-validation", "pretrain-training", "pretrain-eval"}
+    expected |= {"pretrain-overlap", "pretrain-registry"}
+    assert expected <= set(arts), sorted(arts)
     assert "| 576 | 576 | 0 | 0 |" in arts["pretrain-data"]["data"]
     assert "4 |" in arts["pretrain-training"]["data"]  # 4 optimiser steps
     table = json.loads(arts["pretrain-eval"]["data"])
@@ -169,10 +169,28 @@ def test_deployments_run_on_a_process_worker(prefect: Prefect, tmp_path: Path) -
         "eval/summary.md",
     }
 
+    overlap = json.loads(arts["pretrain-overlap"]["data"])
+    assert [r["dataset"] for r in overlap] and all(
+        0 <= r["contamination (%)"] <= 100 for r in overlap
+    )
+    version = client.get_model_version_by_alias("clip-tiny-vit", "candidate")
+    assert version.run_id == runs[0].info.run_id
+    assert "candidate" in version.aliases and "champion" in version.aliases  # the first one
+    assert f"version **{version.version}**" in arts["pretrain-registry"]["data"]
+
     nightly = _run_deployment(
         prefect,
         "nightly-eval/default",
         {"suite": "configs/test-suite.yaml", "out_dir": str(tmp_path / "nightly")},
     )
     assert nightly["state"]["type"] == "COMPLETED", nightly["state"]
-    assert "nightly-eval" in _artifacts(prefect, nightly["id"])
+    nightly_arts = _artifacts(prefect, nightly["id"])
+    rows = json.loads(nightly_arts["nightly-eval"]["data"])
+    assert [(r["model"], r["version"]) for r in rows] == [("clip-tiny-vit", version.version)]
+    assert rows[0]["aliases"] == "candidate, champion"
+    assert 0 <= rows[0]["synthetic-test/zero_shot"] <= 100
+    exp_n = client.get_experiment_by_name("nightly-eval")
+    assert exp_n is not None
+    nightly_runs = client.search_runs([exp_n.experiment_id])
+    assert len(nightly_runs) == 1
+    assert "eval/synthetic-test/zero_shot/top1" in nightly_runs[0].data.metrics
