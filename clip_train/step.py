@@ -28,9 +28,11 @@ from clip_train.optim import set_lr
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast_dtype(precision: PrecisionSection, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this device: None (fp32) on CPU, bf16/fp16 on GPU."""
-    if device.type != "cuda":
+def autocast_dtype(
+    precision: PrecisionSection, device: torch.device, allow_cpu: bool = False
+) -> torch.dtype | None:
+    """The autocast dtype: bf16/fp16 on GPU; None (fp32) on CPU unless ``allow_cpu``."""
+    if device.type != "cuda" and not allow_cpu:
         return None
     return AUTOCAST_DTYPES.get(precision.precision)
 
@@ -56,11 +58,14 @@ class Stepper:
         optim: OptimSection,
         precision: PrecisionSection,
         device: torch.device,
+        allow_cpu_autocast: bool = False,
     ) -> None:
+        """``allow_cpu_autocast`` runs the GPU mixed-precision path (bf16 autocast, or fp16
+        autocast with a gradient scaler) on CPU too: slower there, used to test that path."""
         self.model, self.raw, self.optimizer = model, raw, optimizer
         self.optim = optim
         self.device = device
-        self.dtype = autocast_dtype(precision, device)
+        self.dtype = autocast_dtype(precision, device, allow_cpu_autocast)
         use_scaler = self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from dist_workers import make_batch, make_model
 from safetensors.torch import load_file
 from train_workers import MODEL, make_stepper, step_worker
 
-from clip_train.step import compile_model
+from clip_train.config import OptimSection, PrecisionSection
+from clip_train.optim import build_optimizer
+from clip_train.step import Stepper, compile_model
 
 N, STEPS = 8, 3
 
@@ -110,3 +114,54 @@ def test_compiled_model_gives_the_same_update() -> None:
         stepper.step(images, tokens, lr=1e-3)
     for name, ref in plain.items():
         torch.testing.assert_close(raw.state_dict()[name], ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _mixed_precision_run(precision: str) -> tuple[torch.nn.Module, list[float], Stepper]:
+    raw = make_model(MODEL, 0, torch.float32)
+    optim = OptimSection(lr=1e-3, warmup_steps=0, grad_clip_norm=1.0)
+    opt = build_optimizer(raw, optim.lr, optim.weight_decay, (optim.beta1, optim.beta2), optim.eps)
+    stepper = Stepper(
+        raw,
+        raw=raw,  # type: ignore[arg-type]
+        optimizer=opt,
+        optim=optim,
+        precision=PrecisionSection(precision=precision),
+        device=torch.device("cpu"),
+        allow_cpu_autocast=True,
+    )
+    losses = []
+    for step in range(STEPS):
+        images, tokens = make_batch(MODEL, 2 * N, seed=100 + step, dtype=torch.float32)
+        losses.append(stepper.step(images, tokens, lr=1e-3).loss)
+    return raw, losses, stepper
+
+
+def test_bf16_autocast_path_tracks_fp32() -> None:
+    """The GPU bf16 path (autocast, fp32 master weights, no scaler), run on CPU."""
+    fp32, fp32_losses, _ = _mixed_precision_run("fp32")
+    bf16, bf16_losses, stepper = _mixed_precision_run("bf16")
+    assert stepper.dtype == torch.bfloat16 and not stepper.scaler.is_enabled()
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    assert bf16_losses != fp32_losses  # autocast really ran in bf16
+    for a, b in zip(bf16_losses, fp32_losses, strict=True):
+        assert abs(a - b) < 0.05, (bf16_losses, fp32_losses)
+    # Adam normalises each coordinate's step, so bf16 noise flips small coordinates; the update
+    # as a whole must point the same way as fp32's
+    init = make_model(MODEL, 0, torch.float32).state_dict()
+    delta_bf16 = torch.cat([(p - init[n]).flatten() for n, p in bf16.state_dict().items()])
+    delta_fp32 = torch.cat([(p - init[n]).flatten() for n, p in fp32.state_dict().items()])
+    cosine = F.cosine_similarity(delta_bf16, delta_fp32, dim=0).item()
+    assert cosine > 0.9, cosine
+
+
+def test_fp16_path_scales_the_loss_and_skips_overflowing_steps() -> None:
+    """fp16 autocast + GradScaler: an overflowing step is skipped and the scale backs off."""
+    raw, losses, stepper = _mixed_precision_run("fp16")
+    assert stepper.dtype == torch.float16 and stepper.scaler.is_enabled()
+    assert stepper.scaler.get_scale() < 2.0**16  # the initial scale overflowed at least once
+    assert all(torch.isfinite(p).all() for p in raw.parameters())
+    assert all(p.dtype == torch.float32 for p in raw.parameters())
+    assert all(math.isfinite(loss) for loss in losses)
+    fresh = make_model(MODEL, 0, torch.float32)
+    changed = [n for n, p in raw.state_dict().items() if not torch.equal(p, fresh.state_dict()[n])]
+    assert changed  # the steps that did not overflow were applied
