@@ -46,8 +46,9 @@ def select_versions(tracking_uri: str, model_name: str | None) -> list[dict[str,
                 max_results=1,
             )
             last = int(runs[0].info.start_time) if runs else 0
-        for v in client.search_model_versions(f"name = '{name}'"):
-            aliases = list(getattr(v, "aliases", []) or [])
+        for found in client.search_model_versions(f"name = '{name}'"):
+            v = client.get_model_version(name, found.version)  # search omits the aliases
+            aliases = sorted(v.aliases or [])
             if CHAMPION in aliases or int(v.creation_timestamp) > last:
                 chosen.append(
                     {
