@@ -75,6 +75,7 @@ def _ran(out: str) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 3 Ray trainings: ~6 min quiet, ~15 min on a shared machine
 def test_repro_runs_all_then_nothing_then_only_what_a_param_touches(repo: Path) -> None:
     first = _dvc(repo, "repro")
     assert _ran(first) == {"ingest", "validate", "train", "overlap", "evaluate"}, first[-3000:]

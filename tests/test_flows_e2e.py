@@ -123,6 +123,7 @@ def _artifacts(p: Prefect, flow_run_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~6 min on a quiet 2-core machine, 15+ min when it is shared
 def test_deployments_run_on_a_process_worker(prefect: Prefect, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
