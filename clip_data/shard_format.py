@@ -32,6 +32,7 @@ from clip_data.extras import (
     merge_extra,
     to_json,
 )
+from clip_data.files import is_read_error, open_fs, short_error
 
 __all__ = [
     "MANIFEST_NAME",
@@ -225,17 +226,66 @@ class ParquetStream:
 # -------------------------------------------------------------------- reading
 
 
-def read_manifest(dest: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load ``manifest.json`` of an ingest output, checking its schema version."""
-    path = Path(dest) / MANIFEST_NAME
-    with path.open(encoding="utf-8") as fh:
-        manifest: dict[str, Any] = json.load(fh)
+def _is_url(text: str) -> bool:
+    """Whether ``text`` is a URL (``s3://``, ``file://``, ...) rather than a local path."""
+    return "://" in text
+
+
+def _manifest_location(dest: str | os.PathLike[str]) -> str:
+    """Where the manifest of ``dest`` lives, as given (``pathlib`` would mangle ``s3://``)."""
+    text = os.fspath(dest)
+    if _is_url(text):
+        return f"{text.rstrip('/')}/{MANIFEST_NAME}"
+    return str(Path(text) / MANIFEST_NAME)
+
+
+def read_manifest(
+    dest: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Load ``manifest.json`` of an ingest output, checking its schema version.
+
+    ``dest`` is a local directory or any fsspec URL (``s3://bucket/prefix``; then
+    ``storage_options`` are the filesystem's options, e.g. an endpoint or credentials, and S3
+    gets :data:`~clip_data.files.S3_CLIENT_DEFAULTS`). Every error message names the manifest.
+
+    Raises:
+        FileNotFoundError: There is no manifest (not an ingest output).
+        OSError: The manifest cannot be read (a storage failure is one line, naming the cause).
+        ValueError: It is not a JSON object, or its ``schema_version`` is not supported.
+    """
+    where = _manifest_location(dest)
+    text = _read_text(where, storage_options)
+    try:
+        manifest = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{where}: not a JSON object")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(
-            f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
+            f"{where}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
         )
     return manifest
+
+
+def _read_text(where: str, storage_options: dict[str, Any] | None) -> str:
+    """The UTF-8 text of the manifest ``where`` (a local path or an fsspec URL)."""
+    try:
+        if not _is_url(where):
+            return Path(where).read_text(encoding="utf-8")
+        fs, path = open_fs(where, storage_options)
+        return bytes(fs.cat_file(path)).decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{where}: no ingest manifest (not an ingest output; run `clipops ingest` first)"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: not UTF-8 text: {exc}") from None
+    except Exception as error:
+        if not _is_url(where) or not is_read_error(error):
+            raise
+        raise OSError(f"cannot read {where}: {short_error(error)}") from None
 
 
 def iter_rows(dest: str | os.PathLike[str], batch_size: int = 256) -> Iterator[dict[str, Any]]:

@@ -8,6 +8,10 @@ have been rewritten, copied badly or produced by an older/buggy writer)::
     print(report.summary())          # lists failing expectations only
     # <dest>/validation.json holds the full result (GX result included)
 
+``dest`` is a local directory or any fsspec URL: ``validate_dataset("s3://bucket/train")``
+reads the shards with ranged reads and writes ``validation.json`` next to them (S3 settings
+from ``storage_options`` or the usual ``AWS_*`` environment variables).
+
 What is checked (thresholds come from :class:`ValidationConfig`, loadable from YAML/JSON):
 
 * the metadata frame has exactly the expected columns, and every shard file has exactly the
@@ -30,7 +34,6 @@ accepted row, captions included) is held in memory, as GX's pandas engine needs.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import math
@@ -41,12 +44,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeAlias
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from clip_data.checks import CheckConfig
+from clip_data.files import is_read_error, short_error
 from clip_data.metadata import (
     FRAME_COLUMNS,
+    Dataset,
     DatasetError,
     is_number,
     metadata_frame,
@@ -75,7 +77,6 @@ __all__ = [
 REPORT_NAME = "validation.json"
 
 _EXAMPLES = 5
-_HASH_CHUNK = 1 << 20
 
 
 _CHECK_DEFAULTS = CheckConfig()  # the ingest thresholds this validation re-checks
@@ -251,19 +252,19 @@ def _entry(
     }
 
 
-def _file_sha256(path: Path) -> str | None:
-    digest = hashlib.sha256()
+def _shard_sha256(dataset: Dataset, file: str) -> str | None:
+    """The shard's SHA-256; ``None`` when it cannot be read (a mismatch, not an error)."""
     try:
-        with path.open("rb") as fh:
-            while chunk := fh.read(_HASH_CHUNK):
-                digest.update(chunk)
-    except OSError:
+        return dataset.sha256(file)
+    except Exception as exc:
+        if not is_read_error(exc):
+            raise
         return None
-    return digest.hexdigest()
 
 
-def _extra_checks(path: Path, manifest: dict[str, Any], frame: _DataFrame) -> list[dict[str, Any]]:
+def _extra_checks(dataset: Dataset, frame: _DataFrame) -> list[dict[str, Any]]:
     """Checks GX cannot express on the frame: the manifest and the shard files themselves."""
+    manifest = dataset.manifest
     rows = len(frame)
     shards = manifest["shards"]
     problems: list[str] = []
@@ -281,14 +282,16 @@ def _extra_checks(path: Path, manifest: dict[str, Any], frame: _DataFrame) -> li
     expected_names = expected.names
     expected_types = [f.type for f in expected]
     for shard in shards:
-        file = path / shard["file"]
-        schema = pq.read_schema(file)
+        pf = dataset.parquet(shard["file"])
+        try:
+            schema, found = pf.schema_arrow, pf.metadata.num_rows
+        finally:
+            pf.close()
         if schema.names != expected_names or [f.type for f in schema] != expected_types:
             bad_schema.append(f"{shard['file']}: {schema.names}")
-        found = pq.read_metadata(file).num_rows
         if shard.get("rows") != found:
             problems.append(f"{shard['file']}: manifest rows={shard.get('rows')!r}, found {found}")
-        if _file_sha256(file) != shard.get("sha256"):
+        if _shard_sha256(dataset, shard["file"]) != shard.get("sha256"):
             bad_sha.append(shard["file"])
     per_split = manifest["counts"].get("per_split")
     if isinstance(per_split, dict):
@@ -428,9 +431,20 @@ def _run_gx(frame: _DataFrame, config: ValidationConfig) -> tuple[list[dict[str,
     return entries, result
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file + rename)."""
+def _write_json(dataset: Dataset, name: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as ``name`` of the output: atomically (a local temporary file and a
+    rename; one PUT on object storage, whose objects appear whole)."""
     text = json.dumps(_json_safe(payload), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    if dataset.fs is not None:
+        try:
+            dataset.fs.pipe_file(f"{dataset.root}/{name}", text.encode("utf-8"))
+        except Exception as exc:
+            if not is_read_error(exc):
+                raise
+            where = dataset.where(name)
+            raise DatasetError(f"cannot write {where}: {short_error(exc)}") from None
+        return
+    path = Path(dataset.root) / name
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -445,34 +459,46 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 def validate_dataset(
     dest: str | os.PathLike[str],
     config: ValidationConfig = ValidationConfig(),  # frozen, so a shared default is safe
+    *,
+    storage_options: dict[str, Any] | None = None,
 ) -> ValidationReport:
     """Validate the ingest output at ``dest``; write ``<dest>/validation.json``.
+
+    ``dest`` is a local directory or any fsspec URL such as ``s3://bucket/prefix``
+    (``storage_options``: the filesystem's options, e.g. endpoint and credentials; S3 also
+    reads the usual ``AWS_*`` environment variables).
 
     Returns a :class:`ValidationReport` whose ``success`` is ``True`` only when every GX
     expectation and every extra check (manifest counts, shard schema, shard SHA-256) holds.
 
     Raises:
-        DatasetError: ``dest`` is not an ingest output, or a listed shard cannot be read.
+        DatasetError: ``dest`` is not an ingest output, a listed shard cannot be read, or the
+            storage cannot be reached (one line, naming the cause).
         TypeError: ``config`` is not a :class:`ValidationConfig`.
     """
     if not isinstance(config, ValidationConfig):
         raise TypeError(f"config must be a ValidationConfig, got {type(config).__name__}")
-    path, manifest = open_dataset(dest)
-    frame = read_frame(path, manifest, config.sample_size)
+    dataset = open_dataset(dest, storage_options)
+    frame = read_frame(dataset, config.sample_size)
     entries, result = _run_gx(frame, config)
     try:
-        extra = _extra_checks(path, manifest, frame)
-    except (OSError, pa.ArrowException) as exc:
-        raise DatasetError(f"cannot read shards of {path}: {exc}") from exc
+        extra = _extra_checks(dataset, frame)
+    except Exception as exc:
+        if not is_read_error(exc):
+            raise
+        raise DatasetError(f"cannot read shards of {dataset.name}: {short_error(exc)}") from exc
     entries.extend(extra)
     success = bool(result.success) and all(e["success"] for e in extra)
-    report = ValidationReport(success=success, dataset=str(path), rows=len(frame), results=entries)
+    report = ValidationReport(
+        success=success, dataset=dataset.name, rows=len(frame), results=entries
+    )
     sampled = int(frame["decode_ok"].notna().sum())
     _write_json(
-        path / REPORT_NAME,
+        dataset,
+        REPORT_NAME,
         {
             "success": success,
-            "dataset": str(path),
+            "dataset": dataset.name,
             "rows": len(frame),
             "sampled_rows": sampled,
             "config": config.to_dict(),

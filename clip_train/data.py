@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,8 +20,9 @@ import torch
 
 from clip_core.tokenizer import ClipTokenizer
 from clip_core.transforms import TrainTransform, decode_image
+from clip_data.shard_format import MANIFEST_NAME, read_manifest
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_NAME
 
 
 class DataError(ValueError):
@@ -30,16 +30,15 @@ class DataError(ValueError):
 
 
 def read_manifest_any(shards: str) -> dict[str, Any]:
-    """The ingest manifest of a local or ``s3://`` shard directory."""
-    url = f"{shards.rstrip('/')}/{MANIFEST}"
+    """The ingest manifest of a local or ``s3://`` shard directory.
+
+    :func:`clip_data.shard_format.read_manifest` (schema version checked; S3 client defaults
+    from :func:`clip_data.files.storage_options_for`), its errors raised as :class:`DataError`.
+    """
     try:
-        with fsspec.open(url, "r", encoding="utf-8") as fh:
-            manifest: dict[str, Any] = json.load(fh)
-    except FileNotFoundError as exc:
-        raise DataError(f"{url}: no ingest manifest (run `clipops ingest` first)") from exc
+        return read_manifest(shards)
     except (OSError, ValueError) as exc:
-        raise DataError(f"{url}: cannot read the ingest manifest: {exc}") from exc
-    return manifest
+        raise DataError(str(exc)) from exc
 
 
 def shard_urls(shards: str, manifest: dict[str, Any]) -> list[str]:
