@@ -1,0 +1,150 @@
+"""The overlap analysis end to end on a synthetic pretraining set with planted copies.
+
+One module-scoped corpus (train + test split + near-copies of every 4th test image planted
+into train), one tiny dedicated detector trained on it, one random tiny CLIP for the
+zero-shot side. The same test images are the ``synthetic-test`` evaluation dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from clip_cli.main import main
+from clip_core import create_model
+from clip_core.checkpoint import save_checkpoint
+from clip_core.synthetic import generate
+from clip_core.tokenizer import ClipTokenizer
+from clip_data.ingest import IngestConfig, ingest
+from clip_overlap.detector import DetectorTrainConfig, load_detector, train_detector
+from clip_overlap.pipeline import OverlapConfig, run_overlap
+
+N_TRAIN, N_TEST = 400, 60
+PLANTED = list(range(0, N_TEST, 4))  # 15 of 60 test images
+SUITE = f"""
+name: overlap
+tasks:
+  - {{dataset: synthetic-test, task: zero_shot, dataset_options: {{n_train: 1, n_test: {N_TEST}}}}}
+"""
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("overlap")
+    one = IngestConfig(workers=1)
+    ingest("synthetic", root / "planted", one, train=N_TRAIN, test=N_TEST, plant=PLANTED)
+    ingest("synthetic", root / "clean", one, train=N_TRAIN, test=N_TEST, seed=7)
+    torch.manual_seed(0)
+    tok = ClipTokenizer.train([s.caption for s in generate(100, "train")], 600, context_length=24)
+    model = create_model("tiny-vit", text={"vocab_size": tok.vocab_size}, vision={"image_size": 64})
+    ckpt = save_checkpoint(model, root / "clip", tok)
+    detector = train_detector(str(root / "planted"), root / "detector", DetectorTrainConfig.tiny())
+    suite = root / "suite.yaml"
+    suite.write_text(SUITE)
+    return {"root": root, "ckpt": ckpt, "detector": detector, "suite": suite}
+
+
+@pytest.mark.slow
+def test_detector_on_planted_copies(corpus: dict[str, Any]) -> None:
+    """Ground truth from the planted copies: precision at the calibrated threshold, recall, and
+    whether the match found is the planted copy itself.
+
+    The issue's target (recall >= 0.9 at precision >= 0.95) is NOT met by the tiny CPU
+    detector: measured precision 0.64 at recall 0.60 here (no threshold reaches precision
+    0.95, so the best-precision one is taken; see docs/overlap.md). This asserts what it
+    does reach, and the CLIP-tower test below compares.
+    """
+    out = corpus["root"] / "out"
+    report = run_overlap(
+        str(corpus["root"] / "planted"),
+        corpus["suite"],
+        corpus["ckpt"],
+        out,
+        detector=corpus["detector"],
+    )
+    r = report["datasets"]["synthetic-test"]
+    print(f"dedicated detector: {r['ground_truth']}")
+    assert r["calibration"] == "planted-in-shards"
+    assert r["ground_truth"]["planted"] == len(PLANTED)
+    assert r["ground_truth"]["precision"] >= 0.5
+    assert r["ground_truth"]["recall"] >= 0.5
+    assert r["n_all"] == N_TEST and r["n_overlap"] + r["n_clean"] == N_TEST
+    assert r["contamination"] == pytest.approx(r["n_overlap"] / N_TEST)
+    matches = [json.loads(x) for x in (out / "matches.jsonl").read_text().splitlines()]
+    flagged = {m["index"]: m for m in matches if m["overlap"]}
+    hits = [i for i in PLANTED if i in flagged and flagged[i]["train_key"].endswith("-dup")]
+    detected = r["ground_truth"]["recall"] * len(PLANTED)
+    assert len(hits) >= 0.5 * detected  # mostly the planted copy itself (measured 6 of 9)
+    for name in ("overlap.json", "overlap.md", "overlap.png", "pr_curve.json", "contact_sheet.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "overlap.json").read_text())
+    assert saved["datasets"]["synthetic-test"]["n_overlap"] == r["n_overlap"]
+    assert "p_value_bonferroni" in saved["datasets"]["synthetic-test"]
+
+
+@pytest.mark.slow
+def test_nothing_planted_gives_near_zero_contamination(corpus: dict[str, Any]) -> None:
+    report = run_overlap(
+        str(corpus["root"] / "clean"),
+        corpus["suite"],
+        corpus["ckpt"],
+        detector=corpus["detector"],
+        config=OverlapConfig(calibration_copies=N_TEST),
+    )
+    r = report["datasets"]["synthetic-test"]
+    assert r["calibration"] == "simulated"
+    assert r["ground_truth"] is None
+    assert r["contamination"] <= 0.05
+
+
+@pytest.mark.slow
+def test_clip_tower_as_detector_is_reported_for_comparison(corpus: dict[str, Any]) -> None:
+    """The paper's baseline: CLIP image embeddings. Measured, not required to be good."""
+    report = run_overlap(
+        str(corpus["root"] / "planted"), corpus["suite"], corpus["ckpt"], embedding="clip"
+    )
+    r = report["datasets"]["synthetic-test"]
+    assert report["embedding"]["kind"] == "clip"
+    print(f"CLIP tower as detector: {r['ground_truth']}")  # recorded in docs/overlap.md
+    assert r["ground_truth"]["recall"] is not None and r["ground_truth"]["precision"] is not None
+    assert r["ground_truth"]["precision"] < 0.95  # a random tower cannot tell copies apart
+
+
+@pytest.mark.slow
+def test_clipops_overlap_cli(corpus: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    args = ["overlap", "--train", str(corpus["root"] / "planted"), "--suite", str(corpus["suite"])]
+    args += ["--model", str(corpus["ckpt"]), "--out", str(out)]
+    assert main([*args, "--detector", str(corpus["detector"]), "--threshold", "0.5"]) == 0
+    report = json.loads((out / "overlap.json").read_text())
+    r = report["datasets"]["synthetic-test"]
+    assert r["threshold"] == 0.5 and r["threshold_source"] == "manual"
+    assert r["n_overlap"] == N_TEST  # nothing is below 0.5 with this detector: all overlap
+    assert r["acc_clean"] is None and r["p_value"] is None  # handled, no division error
+    assert (out / "overlap.md").read_text().count("synthetic-test") == 1
+
+
+def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    suite = tmp_path / "s.yaml"
+    suite.write_text(SUITE)
+    args = ["overlap", "--train", str(tmp_path / "none"), "--suite", str(suite)]
+    assert main([*args, "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "clipops overlap: error:" in capsys.readouterr().err
+    assert main(["overlap-detector", "--train", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
+
+
+def test_detector_roundtrip(corpus: dict[str, Any]) -> None:
+    model = load_detector(corpus["detector"])
+    meta = json.loads((corpus["detector"] / "detector.json").read_text())
+    assert meta["train_images"] == N_TRAIN + len(PLANTED)
+    assert meta["loss_last"] < meta["loss_first"]
+    x = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    emb = model(x)
+    assert emb.shape == (2, model.config.embed_dim)
+    assert np.allclose(emb.norm(dim=-1).detach().numpy(), 1.0, atol=1e-5)
