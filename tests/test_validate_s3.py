@@ -66,7 +66,6 @@ def bucket(moto_s3: tuple[str, Any]) -> str:
     return BUCKET
 
 
-@pytest.mark.slow  # ingest + three GX runs: ~45 s on a busy 2-core machine
 def test_validate_s3_passes_like_local_and_catches_a_tampered_shard(
     moto_s3: tuple[str, Any],
     bucket: str,
