@@ -275,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("validate", help="check an ingest output with Great Expectations")
-    p.add_argument("dest", help="ingest output directory (validation.json is written there)")
+    p.add_argument(
+        "dest", help="ingest output: a directory or s3:// URI (validation.json is written there)"
+    )
     p.add_argument("--config", default=None, help="thresholds file (.yaml/.yml or .json)")
     p.set_defaults(handler=_cmd_validate)
 
