@@ -171,6 +171,8 @@ def test_rayjob_entrypoints_load_and_fit_their_clusters() -> None:
         gpus = sum(g["replicas"] * int(g["rayStartParams"]["num-gpus"]) for g in groups)
         assert cfg.infra.num_workers * cfg.infra.gpus_per_worker <= gpus, path
         assert cfg.data.global_batch_size % cfg.infra.num_workers == 0, path
+        if groups[0]["groupName"] == "v100":  # no bf16 tensor cores on V100
+            assert cfg.precision.precision == "fp16", path
         jobs += 1
     assert jobs >= 2
 
@@ -324,4 +326,33 @@ def test_cluster_deployments_target_the_pool_and_real_flows() -> None:
         params = dep["parameters"]
         assert set(params) <= accepted, set(params) - accepted
         assert params["ray_address"] == "auto"
-        load_run_config(params["recipe"], [f"infra.num_workers={params['num_workers']}"])
+        sets = [f"infra.num_workers={params['num_workers']}", *params.get("overrides", [])]
+        load_run_config(params["recipe"], sets)
+
+
+# --------------------------------------------------------------------------- capacity plan
+
+
+def test_capacity_figures_come_from_the_real_model() -> None:
+    """infra/capacity.py (docs/scaling.md's numbers) on the smallest plan model, ViT-B/32."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("clipops_capacity", INFRA / "capacity.py")
+    assert spec is not None and spec.loader is not None
+    capacity = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = capacity  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(capacity)
+        fig = capacity.figures("ViT-B-32")
+    finally:
+        del sys.modules[spec.name]
+    assert fig.params == 151_277_313  # OpenAI's released ViT-B/32 (clip-method.md)
+    assert fig.embed_dim == 512
+    # ~4.4 G multiply-adds for the image tower + ~3 G for 77 text tokens, 2 FLOPs each
+    assert 13.0 < fig.forward_gflops < 16.5
+    # 50 patch tokens x 768 wide x 12 layers in bf16 alone is 0.9 MB per pair
+    assert 5.0 < fig.activation_mb < 60.0
+    assert fig.activation_ckpt_mb < fig.activation_mb / 3
+    text = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    assert f"{fig.params:,}" in text and f"{fig.forward_gflops:.1f}" in text
