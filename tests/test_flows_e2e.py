@@ -187,7 +187,7 @@ def test_deployments_run_on_a_process_worker(prefect: Prefect, tmp_path: Path) -
     assert nightly["state"]["type"] == "COMPLETED", nightly["state"]
     nightly_arts = _artifacts(prefect, nightly["id"])
     rows = json.loads(nightly_arts["nightly-eval"]["data"])
-    assert [(r["model"], r["version"]) for r in rows] == [("clip-tiny-vit", version.version)]
+    assert [(r["model"], r["version"]) for r in rows] == [("clip-tiny-vit", str(version.version))]
     assert rows[0]["aliases"] == "candidate, champion"
     assert 0 <= rows[0]["synthetic-test/zero_shot"] <= 100
     exp_n = client.get_experiment_by_name("nightly-eval")
