@@ -2,18 +2,27 @@
 
 Metric keys are ``TASK/DATASET/METRIC`` with stable names, e.g. ``zero_shot/cifar10/top1``,
 ``linear_probe/cifar10/top1``, ``robustness/synthetic-shifted/shift_top1``,
-``retrieval/flickr/image_to_text_R@1``, plus the means over datasets
-``zero_shot/mean/top1`` and ``linear_probe/mean/top1`` (the default primary metric of the
-promotion rule is ``zero_shot/mean/top1``). Values are fractions in [0, 1].
+``retrieval/flickr/image_to_text_R1``, ``few_shot/cifar10/top1_k16``, plus the means over
+datasets ``zero_shot/mean/top1`` and ``linear_probe/mean/top1`` (the default primary metric of
+the promotion rule is ``zero_shot/mean/top1``). Values are fractions in [0, 1]. Keys hold only
+the characters MLflow accepts in metric and tag names (a dataset URI's other characters
+become ``_``), so they can be logged as they are.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 MEAN = "mean"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def mlflow_safe(name: str) -> str:
+    """``name`` with every character MLflow refuses in metric/tag keys replaced by ``_``."""
+    return _UNSAFE.sub("_", name)
 
 
 def _number(value: Any) -> float | None:
@@ -33,9 +42,9 @@ def _record_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     elif task == "few_shot":
         ks, top = m.get("ks"), m.get("mean_top1")
         if isinstance(ks, list) and isinstance(top, list) and ks and len(ks) == len(top):
-            found[f"top1@k{ks[-1]}"] = top[-1]
+            found[f"top1_k{ks[-1]}"] = top[-1]
     elif task == "retrieval":
-        found.update({k: v for k, v in m.items() if k.endswith("_R@1")})
+        found.update({k.replace("_R@", "_R"): v for k, v in m.items() if k.endswith("_R@1")})
     elif task == "robustness":
         zs = m.get("zero_shot")
         if isinstance(zs, Mapping):
@@ -44,7 +53,7 @@ def _record_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     for name, value in found.items():
         number = _number(value)
         if number is not None:
-            out[f"{task}/{dataset}/{name}"] = number
+            out[mlflow_safe(f"{task}/{dataset}/{name}")] = number
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -105,13 +106,16 @@ def test_headline_metrics_from_eval_records() -> None:
         _record("flickr", "retrieval", {"image_to_text_R@1": 0.3, "image_to_text_R@5": 0.6}),
         _record("shift", "robustness", {"zero_shot": {"id_top1": 0.6, "shift_top1": 0.4}}),
         _record("odd", "zero_shot", {"top1": None}),
+        _record("s3://bucket/eval.parquet", "zero_shot", {"top1": 0.6}),
     ]
     m = headline_metrics(records)
     assert m["zero_shot/mean/top1"] == pytest.approx(0.6)
     assert m["linear_probe/mean/top1"] == pytest.approx(0.8)
-    assert m["few_shot/cifar/top1@k4"] == 0.4
-    assert m["retrieval/flickr/image_to_text_R@1"] == 0.3
-    assert "retrieval/flickr/image_to_text_R@5" not in m
+    assert m["few_shot/cifar/top1_k4"] == 0.4
+    assert m["retrieval/flickr/image_to_text_R1"] == 0.3
+    assert not any("R5" in k or "R@" in k for k in m)
+    assert m["zero_shot/s3_//bucket/eval.parquet/top1"] == 0.6
+    assert all(re.fullmatch(r"[A-Za-z0-9_\-. /]+", k) for k in m)  # MLflow's key alphabet
     assert m["robustness/shift/shift_top1"] == 0.4
     assert not any(k.startswith("zero_shot/odd") for k in m)
 
