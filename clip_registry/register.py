@@ -260,7 +260,7 @@ def register_run(
     import mlflow
 
     from clip_registry.logged import log_clip_model
-    from clip_train.tracking import resolve_tracking_uri
+    from clip_train.tracking import prefer_proxied_artifact_downloads, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(uri)
@@ -273,6 +273,7 @@ def register_run(
     overlap_path = None if overlap_report is None else Path(overlap_report)
     if overlap_path is not None and not overlap_path.is_file():
         raise RegistryError(f"--overlap-report {overlap_path}: no such file")
+    prefer_proxied_artifact_downloads()
     with tempfile.TemporaryDirectory(prefix="clipops-register-") as tmp:
         try:
             local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp)

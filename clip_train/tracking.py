@@ -36,13 +36,27 @@ FAMILY_BY_MODEL = {
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """The configured URI, else $MLFLOW_TRACKING_URI, else SQLite in the working directory."""
-    if uri:
-        return uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    """The configured URI, else $MLFLOW_TRACKING_URI, else SQLite in the working directory.
+
+    A bare ``postgresql://`` database URI gets the installed driver (``postgresql+psycopg2``):
+    SQLAlchemy 2.1 maps the bare scheme to psycopg 3, which clipops does not install.
+    """
+    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not chosen:
+        return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    if chosen.startswith("postgresql://"):
+        return "postgresql+psycopg2://" + chosen[len("postgresql://") :]
+    return chosen
+
+
+def prefer_proxied_artifact_downloads() -> None:
+    """Download artifacts through the tracking server unless the environment says otherwise.
+
+    MLflow otherwise fetches proxied artifacts straight from S3 with presigned URLs, and
+    ``*.gz`` files it uploaded with ``Content-Encoding: gzip`` then fail their size check (the
+    tokenizer's merges file of every clipops checkpoint). Call before loading a model.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
 
 
 def default_artifact_location(uri: str, experiment: str) -> str | None:

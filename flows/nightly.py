@@ -66,6 +66,9 @@ def download_checkpoint(tracking_uri: str, run_id: str, dest: str) -> str:
     """The training run's ``checkpoint/`` artifact (a clip_core checkpoint) in ``dest``."""
     import mlflow.artifacts
 
+    from clip_train.tracking import prefer_proxied_artifact_downloads
+
+    prefer_proxied_artifact_downloads()
     Path(dest).mkdir(parents=True, exist_ok=True)
     return str(
         mlflow.artifacts.download_artifacts(
