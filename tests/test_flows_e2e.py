@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
+from prod_stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 POOL = "clipops-process"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Prefect:
@@ -38,7 +32,7 @@ class Prefect:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        port = _free_port()
+        port = free_port()
         self.api = f"http://127.0.0.1:{port}/api"
         (tmp / "prefect").mkdir()
         self.env = {

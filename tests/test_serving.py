@@ -14,7 +14,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from prod_stack import free_port
 from test_registry_support import (
     COLOUR_NAMES,
     COLOUR_TEMPLATE,
@@ -54,12 +54,6 @@ class Server:
     url: str
     checkpoint: Path
     log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> int:
@@ -103,7 +97,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     ckpt = colour_checkpoint(root / "colour-ckpt")
     run_id = log_training_run(uri, ckpt, "colours")
     assert main(["register", "--run", run_id, "--name", NAME, "--tracking-uri", uri]) == 0
-    port = _free_port()
+    port = free_port()
     bin_dir = Path(sys.executable).parent  # mlflow and uvicorn of this environment
     env = {
         **os.environ,

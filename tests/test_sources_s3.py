@@ -19,17 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prod_stack import free_port
 
 from clip_cli.main import main
 from clip_data.errors import DestinationError, SourceError
 from clip_data.ingest import IngestConfig, IngestFailed, ingest
 from clip_data.sources import open_source
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _options(endpoint: str, key: str = "testing") -> dict[str, Any]:
@@ -39,7 +34,7 @@ def _options(endpoint: str, key: str = "testing") -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def auth_endpoint() -> Iterator[str]:
     """A moto S3 server (own process) that rejects unknown access keys."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -91,7 +86,7 @@ def test_bad_credentials_cli_exit_2_without_traceback(
 
 def test_unreachable_endpoint_fails_fast_by_default() -> None:
     """No retry settings given: the S3 client defaults keep this to seconds, not a minute."""
-    options = _options(f"http://127.0.0.1:{_free_port()}")
+    options = _options(f"http://127.0.0.1:{free_port()}")
     for uri in ("s3://bucket/caps.csv", "s3://bucket/folder"):
         started = time.monotonic()
         with pytest.raises(SourceError) as caught:

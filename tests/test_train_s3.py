@@ -12,17 +12,15 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prod_stack import ray_head
 
 pytestmark = pytest.mark.slow
 
@@ -39,44 +37,14 @@ def _s3_env(endpoint: str) -> dict[str, str]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture()
 def ray_cluster(moto_s3: tuple[str, Any]) -> Iterator[str]:
-    """``ray start --head --block`` with 4 logical CPUs; yields its GCS address."""
-    port, grpc, listen, runtime_env = (_free_port() for _ in range(4))
-    temp = tempfile.mkdtemp(prefix="/tmp/rc-")  # Ray's socket paths must stay short
-    ray = str(Path(sys.executable).parent / "ray")
-    cmd = [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4"]
-    cmd += [f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"]
-    # fixed agent ports: with dynamic ones the raylet waits for the agent to write its port
-    # to a file and aborts when that takes > 30 s (seen on a loaded 2-core machine)
-    cmd += [f"--dashboard-agent-grpc-port={grpc}", f"--dashboard-agent-listen-port={listen}"]
-    cmd += [f"--runtime-env-agent-port={runtime_env}"]
-    env = {**os.environ, **_s3_env(moto_s3[0]), **RAY_TOKEN_ENV}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
-    address = f"127.0.0.1:{port}"
+    """``ray start --head`` with 4 logical CPUs and token auth; yields its GCS address."""
+    temp = Path(tempfile.mkdtemp(prefix="/tmp/rc-"))  # Ray's socket paths must stay short
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"ray start exited with {proc.poll()}")
-                time.sleep(0.5)
-        yield address
+        with ray_head({**os.environ, **_s3_env(moto_s3[0]), **RAY_TOKEN_ENV}, temp) as address:
+            yield address
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from prod_stack import free_port
 from s3fs import S3FileSystem
 
 from clip_cli.main import main
@@ -25,12 +25,6 @@ from clip_data.validate import REPORT_NAME, DatasetError, validate_dataset
 
 BUCKET = "clipops-validate"
 SOURCE = "synthetic:train=10,test=4,seed=5,image_size=24"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _use_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
@@ -134,7 +128,7 @@ def test_validate_s3_without_an_ingest_output_is_exit_2(
 def test_validate_s3_unreachable_endpoint_fails_fast(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _use_endpoint(monkeypatch, f"http://127.0.0.1:{_free_port()}")
+    _use_endpoint(monkeypatch, f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
     assert main(["validate", "s3://bucket/ds"]) == 2
     assert time.monotonic() - started < 15
