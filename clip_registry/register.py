@@ -6,7 +6,8 @@
    checkpoint), checks that the checkpoint loads;
 2. links the evaluation (``clipops eval --out DIR``: ``results.jsonl``, ``summary.md``, PNGs;
    the feature cache is left out) and the overlap report to the run as artifacts ``eval/`` and
-   ``overlap/``, and logs the headline metrics to the run as ``eval/<key>`` at the final step;
+   ``overlap/``, and logs the eval metrics to the run at the final step under the flows' names,
+   ``eval/<dataset>/<task>/...`` (:func:`clip_eval.metrics.eval_metrics`);
 3. logs the checkpoint as a pyfunc model of the run (:mod:`clip_registry.logged`) and
    registers it, unless a version of this run already exists (registration is safe to rerun:
    the existing version is reused and its tags refreshed);
@@ -101,18 +102,22 @@ def _get_run(client: Any, run_id: str) -> Any:
     return run
 
 
-def _eval_files(eval_dir: Path) -> tuple[list[Path], dict[str, float]]:
+def _eval_files(eval_dir: Path) -> tuple[list[Path], dict[str, float], dict[str, float]]:
+    """The files to link, the headline metrics (version tags, promotion) and the run metrics
+    (``eval/<dataset>/<task>/...``, the names the flows log)."""
+    from clip_eval.metrics import eval_metrics
     from clip_eval.report import read_jsonl
 
     results = eval_dir / "results.jsonl"
     if not results.is_file():
         raise RegistryError(f"--eval-dir {eval_dir}: no results.jsonl (run clipops eval --out)")
     try:
-        metrics = headline_metrics(read_jsonl(results))
-    except (ValueError, AttributeError) as exc:
+        records = read_jsonl(results)
+        heads, run_metrics = headline_metrics(records), eval_metrics(records)
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:
         raise RegistryError(f"{results}: not a JSONL file of evaluation records ({exc})") from exc
     files = [eval_dir / f for f in EVAL_FILES if (eval_dir / f).is_file()]
-    return files + sorted(eval_dir.glob("*.png")), metrics
+    return files + sorted(eval_dir.glob("*.png")), heads, run_metrics
 
 
 def _read_overlap(path: Path) -> Any:
@@ -180,13 +185,13 @@ def _lineage(
     metrics: dict[str, float] = {}
     summary_md = ""
     if eval_dir is not None:
-        files, metrics = _eval_files(eval_dir)
+        files, metrics, run_metrics = _eval_files(eval_dir)
         for f in files:
             client.log_artifact(run_id, str(f), EVAL_ARTIFACT)
         step = int(steps) if steps.isdigit() else 0
-        for key, value in metrics.items():
-            if run.data.metrics.get(f"eval/{key}") != value:  # a rerun adds no duplicates
-                client.log_metric(run_id, f"eval/{key}", value, step=step)
+        for key, value in run_metrics.items():
+            if run.data.metrics.get(key) != value:  # a rerun (or the flow's own log) adds none
+                client.log_metric(run_id, key, value, step=step)
         tags["clipops.eval_artifacts"] = f"runs:/{run_id}/{EVAL_ARTIFACT}"
         summary = eval_dir / "summary.md"
         summary_md = summary.read_text(encoding="utf-8") if summary.is_file() else ""

@@ -19,7 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows.summaries import eval_metrics, headline_metrics
+from clip_eval.metrics import eval_metrics
+from flows.summaries import headline_metrics
 
 
 def loss_rows(tracking_uri: str, run_name: str) -> list[tuple[int, float]]:

@@ -18,8 +18,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
+from clip_eval.metrics import eval_metrics
 from flows import stages
-from flows.summaries import comparison_rows, eval_metrics, headline_metrics, rows_markdown
+from flows.summaries import comparison_rows, headline_metrics, rows_markdown
 
 NIGHTLY_EXPERIMENT = "nightly-eval"
 CHAMPION = "champion"

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from flows.summaries import eval_metrics
+from clip_eval.metrics import eval_metrics
 
 
 def transient(_task: Any, _run: Any, state: Any) -> bool:

@@ -15,14 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
+from clip_eval.metrics import eval_metrics, metric_key
 from clip_train.config import list_recipes, load_run_config
 from flows.summaries import (
     comparison_rows,
     curve_summary,
     data_markdown,
-    eval_metrics,
     headline_metrics,
-    metric_key,
     rows_markdown,
     validation_markdown,
 )
