@@ -223,7 +223,7 @@ def ray_head(env: Mapping[str, str], temp: Path, num_cpus: int = 4) -> Iterator[
 
     ``env`` is the cluster's environment (its S3 credentials, its token), as on cluster nodes.
     Fixed agent ports: with dynamic ones the raylet waits for the agent to write its port to
-    a file and aborts when that takes > 30 s on a loaded machine (tests/test_train_s3.py).
+    a file and aborts when that takes > 30 s on a loaded machine (seen in the cluster tests).
     """
     port, grpc, listen, runtime_env = (free_port() for _ in range(4))
     ray = str(Path(sys.executable).parent / "ray")

@@ -2,10 +2,11 @@
 
 PostgreSQL 15 (Debian's binaries, a fresh data directory) backs an ``mlflow server`` whose
 artifacts go to S3 (moto's HTTP endpoint) through the server (proxied artifacts). On that
-stack: a dataset is pushed to and pulled from a DVC S3 remote, ingested to S3, a tiny-recipe
-training reads its shards from S3 and writes its Ray run storage to S3 and its MLflow run to
-the server, the model is registered (``clipops register``), loaded back from the registry and
-embeds a text.
+stack: a dataset is pushed to and pulled from a DVC S3 remote, ingested to S3; a driver
+without the Ray cluster's token is refused (exit 2, one line); a tiny-recipe training joins
+the existing token-auth cluster (``ray start --head``), reads its shards from S3 and writes
+its Ray run storage (checkpoints, final model) to S3 and its MLflow run to the server; the
+model is registered (``clipops register``), loaded back from the registry and embeds a text.
 
 Credentials: every process that needs S3 gets a recognisable fake secret key in its
 environment (moto accepts any key), the database password is another one. Neither may appear
@@ -152,6 +153,24 @@ def _dataset_via_dvc(out: Outputs, env: Mapping[str, str], endpoint: str, root: 
     return clone / "data" / "raw"
 
 
+def _train_without_token(out: Outputs, env: Mapping[str, str], cluster: str) -> None:
+    """A driver without the cluster's token: exit 2 and one line naming RAY_AUTH_TOKEN."""
+    settings = [f"infra.ray_address={cluster}", f"data.shards=s3://{BUCKET}/shards"]
+    cmd = [str(BIN / "clipops"), "train", "--config", "tiny", *[f"--set={s}" for s in settings]]
+    denied = subprocess.run(
+        cmd,
+        env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")},
+        text=True,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    out.texts["train without token stdout"] = denied.stdout
+    out.texts["train without token stderr"] = denied.stderr
+    assert denied.returncode == 2, denied.stderr[-2000:]
+    assert "RAY_AUTH_TOKEN" in denied.stderr and "Traceback" not in denied.stderr
+
+
 def _train(out: Outputs, env: Mapping[str, str], tracking: str, cluster: str) -> dict[str, Any]:
     """``clipops train --config tiny`` on the cluster: shards, run storage, artifacts on S3."""
     settings = [
@@ -264,10 +283,14 @@ def test_prod_stack_end_to_end(
             out.run("clipops ingest", ingest, s3_env)
             assert "shards/manifest.json" in _bucket_keys(s3, "shards/")
 
+            _train_without_token(out, s3_env, cluster)
             result = _train(out, s3_env, tracking, cluster)
             assert result["steps"] == 4
             assert result["final_model"] == f"s3://{BUCKET}/runs/prod/final"
-            assert "runs/prod/final/model.safetensors" in _bucket_keys(s3, "runs/prod/")
+            stored = _bucket_keys(s3, "runs/prod/")
+            assert "runs/prod/final/model.safetensors" in stored, sorted(stored)
+            assert "runs/prod/tokenizer-merges.txt.gz" in stored
+            assert any(k.endswith("/train_state.json") for k in stored)  # Ray's checkpoints
             run_id = str(result["mlflow_run_id"])
             # the run's checkpoint/ artifact went through the server into the bucket
             logged = _bucket_keys(s3, "mlflow/")
