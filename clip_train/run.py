@@ -32,8 +32,8 @@ from clip_train.data import (
     shard_urls,
     split_rows,
 )
-from clip_train.demo import code_version, seed_everything
 from clip_train.loop import JobSpec, train_loop_per_worker
+from clip_train.provenance import code_version, seed_everything
 from clip_train.state import TrainCheckpointError, load_train_state
 from clip_train.tracking import TrackingTarget, experiment_name, open_run, resolve_tracking_uri
 

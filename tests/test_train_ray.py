@@ -169,7 +169,7 @@ def test_loss_curve_continues_from_checkpoints(killed_and_resumed: Any) -> None:
 
 def test_trained_model_beats_chance_on_held_out_data(killed_and_resumed: Any, shards: Path) -> None:
     """Zero-shot colour classification on the test split >= 3x chance."""
-    from clip_train.demo import zero_shot_synthetic
+    from train_workers import zero_shot_synthetic
 
     _, result, _ = killed_and_resumed
     loaded = load_checkpoint(result["final_model"])

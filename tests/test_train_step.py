@@ -165,3 +165,25 @@ def test_fp16_path_scales_the_loss_and_skips_overflowing_steps() -> None:
     fresh = make_model(MODEL, 0, torch.float32)
     changed = [n for n, p in raw.state_dict().items() if not torch.equal(p, fresh.state_dict()[n])]
     assert changed  # the steps that did not overflow were applied
+
+
+def test_the_run_seed_fixes_the_weights_and_the_steps() -> None:
+    """The worker's model is a function of ``cfg.seed`` (``build_model``), and the same batches
+    give bit-identical weights after a few steps; another seed gives other weights."""
+    from clip_core import get_model_config
+    from clip_train.loop import JobSpec, build_model
+
+    config = get_model_config(MODEL).to_dict()
+    job = JobSpec(config, [], 77, steps_per_epoch=3, total_steps=3, tracking=None)
+
+    def trained(seed: int) -> dict[str, torch.Tensor]:
+        raw = build_model(job, seed)
+        stepper = make_stepper(raw, raw, 1)
+        for step in range(STEPS):
+            images, tokens = make_batch(MODEL, 2 * N, seed=100 + step, dtype=torch.float32)
+            stepper.step(images, tokens, lr=1e-3)
+        return {k: v.detach().clone() for k, v in raw.state_dict().items()}
+
+    first, again, other = trained(0), trained(0), trained(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)

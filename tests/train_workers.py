@@ -1,8 +1,10 @@
-"""Worker body for the multi-process training-step test (imported by spawned processes)."""
+"""Helpers of the training tests: the multi-process step worker (imported by spawned
+processes) and zero-shot accuracy on synthetic rows."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -10,6 +12,11 @@ from dist_workers import make_batch, make_model
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from clip_core.model import CLIP
+from clip_core.synthetic import class_prompts
+from clip_core.tokenizer import ClipTokenizer
+from clip_core.transforms import EvalTransform, decode_image
+from clip_core.zeroshot import build_classifier, topk_accuracy
 from clip_train.config import OptimSection, PrecisionSection
 from clip_train.optim import build_optimizer
 from clip_train.step import Stepper
@@ -57,3 +64,28 @@ def step_worker(
             save_file(tensors, str(Path(out) / f"dist-accum{accum}.safetensors"))
     finally:
         dist.destroy_process_group()
+
+
+SYNTHETIC_TEMPLATES = {
+    "colour": ("a {} shape.", "a photo of something {}.", "{} objects."),
+    "shape": ("a {}.", "a picture of a {}.", "a {} on a background."),
+}
+
+
+@torch.no_grad()
+def zero_shot_synthetic(
+    model: CLIP, tokenizer: ClipTokenizer, rows: list[dict[str, Any]], image_size: int
+) -> dict[str, dict[str, float]]:
+    """Zero-shot top-1 and chance on synthetic rows, per attribute (colour, shape)."""
+    model.eval()
+    transform = EvalTransform(image_size)
+    images = torch.stack([transform(decode_image(r["image"])) for r in rows])  # [N, 3, R, R]
+    feats = torch.nn.functional.normalize(model.encode_image(images), dim=-1)  # [N, D]
+    results = {}
+    for attribute, templates in SYNTHETIC_TEMPLATES.items():
+        names = class_prompts(attribute)
+        weights = build_classifier(model.encode_text, tokenizer, names, templates)  # [C, D]
+        logits = feats @ weights.T  # [N, C]
+        labels = torch.tensor([names.index(r["extra"][attribute]) for r in rows])  # [N]
+        results[attribute] = {"top1": topk_accuracy(logits, labels, 1), "chance": 1 / len(names)}
+    return results
