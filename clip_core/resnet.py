@@ -118,6 +118,18 @@ class ModifiedResNet(nn.Module):
         self.layer3 = self._make_layer(w * 4, cfg.layers[2], stride=2)
         self.layer4 = self._make_layer(w * 8, cfg.layers[3], stride=2)
         self.attnpool = AttentionPool2d(cfg.image_size // 32, w * 32, cfg.heads, output_dim)
+        self.channels_last = False
+
+    def set_channels_last(self, enabled: bool = True) -> None:
+        """Keep conv weights and activations in NHWC (channels-last) memory layout.
+
+        Same parameters and results (up to float rounding); the convolutions run the NHWC
+        kernels (oneDNN on CPU, tensor cores on GPU). Checkpoints are saved contiguous, so the
+        flag does not change what is written.
+        """
+        self.channels_last = enabled
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.to(memory_format=fmt)  # type: ignore[call-overload]  # stubs lack memory_format
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         layers = [Bottleneck(self._inplanes, planes, stride)]
@@ -142,7 +154,10 @@ class ModifiedResNet(nn.Module):
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, R, R] -> spatial features [B, 32*width, R/32, R/32]."""
-        x = self.stem(x.to(self.conv1.weight.dtype))
+        x = x.to(self.conv1.weight.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

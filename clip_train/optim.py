@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+ADAMW_IMPLEMENTATIONS = ("foreach", "fused", "for-loop")
+
 
 def is_decay_exempt(name: str, param: torch.Tensor) -> bool:
     """Gains (norm weights), biases, embeddings' scalars and the temperature get no decay."""
@@ -33,10 +35,26 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
+    *,
+    implementation: str = "foreach",
 ) -> torch.optim.AdamW:
-    """AdamW (foreach kernels) over ``param_groups``."""
+    """AdamW over ``param_groups``.
+
+    ``implementation``: "foreach" (default: one multi-tensor kernel per operation),
+    "fused" (one fused kernel per parameter group; CPU and CUDA), or "for-loop" (a
+    Python loop over parameters, the reference). All three compute the same update.
+    """
+    if implementation not in ADAMW_IMPLEMENTATIONS:
+        raise ValueError(
+            f"AdamW implementation {implementation!r} not one of {ADAMW_IMPLEMENTATIONS}"
+        )
     return torch.optim.AdamW(
-        param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=True
+        param_groups(model, weight_decay),
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        foreach=implementation == "foreach",
+        fused=implementation == "fused",
     )
 
 
