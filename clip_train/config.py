@@ -105,6 +105,9 @@ class InfraSection:
     run_name: str = "clipops"
     max_failures: int = 2
     torch_threads: int = 1  # intra-op threads per worker on CPU
+    # Pin every worker to one GPU type (Ray's accelerator_type: "A100", "V100", "H100", ...):
+    # synchronous data parallelism runs at the pace of the slowest GPU. None: any GPU.
+    accelerator_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ def _validate(cfg: RunConfig) -> None:
         )
     if cfg.precision.precision not in PRECISIONS:
         raise RunConfigError(f"precision.precision must be one of {PRECISIONS}")
+    _validate_accelerator(infra, cfg.precision.precision)
     if cfg.precision.compile_backend not in COMPILE_BACKENDS:
         raise RunConfigError(f"precision.compile_backend must be one of {COMPILE_BACKENDS}")
     for name in ("every_steps", "keep"):
@@ -227,6 +231,23 @@ def _validate(cfg: RunConfig) -> None:
         raise RunConfigError("optim.epochs and optim.max_steps must be >= 1")
     if optim.warmup_steps < 0 or optim.lr <= 0:
         raise RunConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+
+
+# GPU types (Ray accelerator_type names) without bf16 tensor cores: they train in fp16.
+NO_BF16_GPUS = frozenset({"V100", "P100", "T4", "K80", "P4"})
+
+
+def _validate_accelerator(infra: InfraSection, precision: str) -> None:
+    kind = infra.accelerator_type
+    if kind is None:
+        return
+    if not infra.use_gpu:
+        raise RunConfigError(f"infra.accelerator_type={kind} needs infra.use_gpu=true")
+    if kind in NO_BF16_GPUS and precision == "bf16":
+        raise RunConfigError(
+            f"{kind} GPUs have no bf16 tensor cores: set precision.precision=fp16 "
+            "(loss scaling) or pin another infra.accelerator_type"
+        )
 
 
 def list_recipes() -> list[str]:

@@ -172,7 +172,10 @@ def _trainer(cfg: RunConfig, job: JobSpec, dataset: Any) -> Any:
         train_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "job": job.to_dict()},
         scaling_config=ScalingConfig(
-            num_workers=infra.num_workers, use_gpu=infra.use_gpu, resources_per_worker=resources
+            num_workers=infra.num_workers,
+            use_gpu=infra.use_gpu,
+            resources_per_worker=resources,
+            accelerator_type=infra.accelerator_type,  # one GPU type per run
         ),
         run_config=RayRunConfig(
             name=infra.run_name,

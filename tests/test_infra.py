@@ -173,6 +173,7 @@ def test_rayjob_entrypoints_load_and_fit_their_clusters() -> None:
         assert cfg.data.global_batch_size % cfg.infra.num_workers == 0, path
         if groups[0]["groupName"] == "v100":  # no bf16 tensor cores on V100
             assert cfg.precision.precision == "fp16", path
+        assert cfg.infra.accelerator_type == GPU_GROUPS[groups[0]["groupName"]], path
         jobs += 1
     assert jobs >= 2
 

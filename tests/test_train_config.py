@@ -68,3 +68,21 @@ def test_config_round_trips_and_flattens_stably() -> None:
     flat = cfg.flat_params()
     assert flat["optim.lr"] == "0.001" and flat["infra.num_workers"] == "4"
     assert flat["seed"] == "0"
+
+
+def test_gpu_type_is_pinned_and_checked_against_the_precision() -> None:
+    """Recipes pin A100s (bf16); V100s need fp16; the pin reaches Ray's ScalingConfig."""
+    from clip_train.loop import JobSpec
+    from clip_train.run import _trainer
+
+    for name in PRODUCTION:
+        assert load_run_config(name).infra.accelerator_type == "A100", name
+    with pytest.raises(RunConfigError, match="no bf16"):
+        load_run_config("vit-l14", ["infra.accelerator_type=V100"])
+    v100 = load_run_config("vit-l14", ["infra.accelerator_type=V100", "precision.precision=fp16"])
+    with pytest.raises(RunConfigError, match="use_gpu"):
+        load_run_config("tiny", ["infra.accelerator_type=A100"])
+    job = JobSpec({}, [], 77, steps_per_epoch=1, total_steps=1, tracking=None)
+    trainer = _trainer(v100, job, dataset=None)
+    scaling = trainer.scaling_config
+    assert (scaling.accelerator_type, scaling.num_workers, scaling.use_gpu) == ("V100", 256, True)
