@@ -7,12 +7,17 @@ on a fresh local Ray cluster (``address="local"``, never a running one) with ``c
 CPUs and one CPU per preprocessing task, so at most ``cpus`` tasks decode at once. The first
 batch (Ray start-up, worker imports) is not timed. Per-core pairs/s = delivered pairs/s /
 ``cpus``. As a reference, the same map function (``clip_train.data.load_units``) is also timed
-serially in this process (one core, no Ray).
+serially in this process (one core, no Ray). Last, the prefetch comparison: the tiny
+recipe's model and ``Stepper`` trained on the pipeline, ``prefetch_batches`` 0 vs 4.
 """
 
 from __future__ import annotations
 
+import gc
+import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +48,12 @@ def _plan(shards: Path) -> tuple[Any, Any, list[str]]:
     return cfg, job, urls
 
 
-def _ray_rate(cfg: Any, job: Any, urls: list[str], size: int, rows: int) -> float:
-    """Pairs/s the Ray Data pipeline delivers at ``size`` px, after the first batch."""
+def _dataset(cfg: Any, job: Any, urls: list[str], size: int) -> Any:
+    """``clip_train``'s Ray Data pipeline at ``size`` px, one CPU per preprocessing task."""
     from clip_core.tokenizer import ClipTokenizer
     from clip_train.data import build_dataset
 
-    ds = build_dataset(
+    return build_dataset(
         urls,
         split=cfg.data.split,
         tokenizer=ClipTokenizer.from_merges(job.merges, context_length=job.context_length),
@@ -58,23 +63,45 @@ def _ray_rate(cfg: Any, job: Any, urls: list[str], size: int, rows: int) -> floa
         preprocess_cpus=1.0,
         preprocess_batch=cfg.data.preprocess_batch,
     )
-    batch = cfg.per_worker_batch
+
+
+def _batches(cfg: Any, ds: Any, prefetch: int) -> Any:
+    """The training loop's iterator (``clip_train.loop._train_epoch``) over ``ds``."""
+    return ds.iter_torch_batches(
+        batch_size=cfg.per_worker_batch,
+        drop_last=True,
+        prefetch_batches=prefetch,
+        local_shuffle_buffer_size=cfg.data.shuffle_buffer,
+        local_shuffle_seed=0,
+    )
+
+
+@contextmanager
+def _closing(batches: Any) -> Iterator[Any]:
+    """Iterate ``batches`` and close it on exit, so Ray Data stops its executor and threads
+    before the next dataset (or ``ray.shutdown``) instead of streaming on in the background."""
+    it = iter(batches)
+    try:
+        yield it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+        del it
+        gc.collect()
+
+
+def _ray_rate(cfg: Any, job: Any, urls: list[str], size: int, rows: int) -> float:
+    """Pairs/s the Ray Data pipeline delivers at ``size`` px, after the first batch."""
     delivered, start = 0, 0.0
-    for i, b in enumerate(
-        ds.iter_torch_batches(
-            batch_size=batch,
-            drop_last=True,
-            prefetch_batches=4,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer,
-            local_shuffle_seed=0,
-        )
-    ):
-        if i == 0:
-            start = time.perf_counter()
-            continue
-        delivered += int(b["image"].shape[0])
-        if delivered >= rows:
-            break
+    with _closing(_batches(cfg, _dataset(cfg, job, urls, size), prefetch=4)) as batches:
+        for i, b in enumerate(batches):
+            if i == 0:
+                start = time.perf_counter()
+                continue
+            delivered += int(b["image"].shape[0])
+            if delivered >= rows:
+                break
     return delivered / (time.perf_counter() - start)
 
 
@@ -106,13 +133,75 @@ def _serial_rate(cfg: Any, job: Any, urls: list[str], size: int, rows: int) -> f
         torch.set_num_threads(threads)
 
 
-def bench_data(shards: Path, cpus: int, rows: int, sizes: list[int]) -> list[DataResult]:
-    """Ray Data and serial pairs/s at each image size."""
+def _loop_rate(cfg: Any, job: Any, urls: list[str], prefetch: int, steps: int) -> float:
+    """Pairs/s of the tiny recipe's model trained on the pipeline (``Stepper``, fp32, 1 thread).
+
+    The first step (pipeline start-up) is not timed.
+    """
+    from clip_train.loop import build_model
+    from clip_train.optim import build_optimizer
+    from clip_train.step import Stepper
+
+    model = build_model(job, cfg.seed)
+    o = cfg.optim
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+    stepper = Stepper(
+        model,
+        raw=model,
+        optimizer=optimizer,
+        optim=o,
+        precision=cfg.precision,
+        device=torch.device("cpu"),
+    )
+    size = int(job.model_config["vision"]["image_size"])
+    start, done = 0.0, 0
+    with _closing(_batches(cfg, _dataset(cfg, job, urls, size), prefetch)) as batches:
+        for i, b in enumerate(batches):
+            stepper.step(b["image"], b["tokens"], o.lr)
+            if i == 0:
+                start = time.perf_counter()
+                continue
+            done += int(b["image"].shape[0])
+            if i >= steps:
+                break
+    return done / (time.perf_counter() - start)
+
+
+def _prefetch_rates(
+    cfg: Any, job: Any, urls: list[str], steps: int, repeats: int
+) -> dict[int, float]:
+    """Median pairs/s of the training loop on the pipeline without and with prefetch (0, 4).
+
+    Runs alternate (0, 4, 0, 4, ...); the model steps with the recipe's torch threads (1),
+    as a tiny-recipe worker does, and the preprocessing tasks share the remaining cores.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.infra.torch_threads)
+    rates: dict[int, list[float]] = {0: [], 4: []}
+    try:
+        for _ in range(repeats):
+            for prefetch, runs in rates.items():
+                runs.append(_loop_rate(cfg, job, urls, prefetch, steps))
+                print(f"  loop, prefetch {prefetch}: {runs[-1]:.1f} pairs/s", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def bench_data(
+    shards: Path, cpus: int, rows: int, sizes: list[int], loop_steps: int = 24
+) -> tuple[list[DataResult], dict[int, float]]:
+    """Ray Data and serial pairs/s at each image size; loop pairs/s by prefetch depth.
+
+    ``loop_steps`` 0 skips the prefetch comparison.
+    """
     import ray
+    import ray.data
 
     cfg, job, urls = _plan(shards)
     results = []
     ray.init(address="local", num_cpus=cpus, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         for size in sizes:
             rate = _ray_rate(cfg, job, urls, size, rows)
@@ -123,9 +212,20 @@ def bench_data(shards: Path, cpus: int, rows: int, sizes: list[int]) -> list[Dat
                 f"({rate / cpus:.0f}/core), serial {serial:.0f} pairs/s",
                 flush=True,
             )
+        prefetch = _prefetch_rates(cfg, job, urls, loop_steps, 2) if loop_steps else {}
     finally:
         ray.shutdown()
-    return results
+    return results, prefetch
+
+
+def format_prefetch(rates: dict[int, float]) -> str:
+    """One line: loop pairs/s without and with prefetch, and the speed-up."""
+    if not rates:
+        return ""
+    return (
+        f"training loop on the pipeline (tiny recipe, 1 thread): prefetch 0 {rates[0]:.1f} "
+        f"pairs/s, prefetch 4 {rates[4]:.1f} pairs/s: {rates[4] / rates[0]:.2f}x"
+    )
 
 
 def format_data_table(results: list[DataResult], gpu_pairs_per_s: float | None) -> str:

@@ -38,7 +38,9 @@ bisection to a multiple of 32, catching ``torch.cuda.OutOfMemoryError``).
 **data**: the Ray Data input pipeline of ``clip_train`` (``clip_train.data.build_dataset``,
 iterated with ``iter_torch_batches`` as the training loop does, no model) on a local Ray
 cluster of ``--data-cpus`` CPUs: delivered pairs/s and pairs/s per CPU core, at the tiny
-recipe's 64 px and at 224 px. Cores per GPU = GPU pairs/s / per-core pairs/s.
+recipe's 64 px and at 224 px. Cores per GPU = GPU pairs/s / per-core pairs/s. Then the
+data-pipeline prefetch: the tiny recipe's model (``Stepper``, 1 thread) trained on that
+pipeline with ``prefetch_batches`` 0 and 4 (the loop's setting), runs alternated.
 
     .venv/bin/python -m bench.speed [--mode cpu gpu data] [--models ...] [--compile-models ...]
         [--steps N] [--threads N] [--json OUT]
@@ -213,6 +215,10 @@ def _fits_on_gpu(name: str, device: torch.device) -> Callable[[int], bool]:
             return True
         except torch.cuda.OutOfMemoryError:
             return False
+        except RuntimeError as exc:  # cuBLAS/cuDNN workspace allocations fail this way
+            if "out of memory" in str(exc).lower() or "ALLOC_FAILED" in str(exc):
+                return False
+            raise
         finally:
             gc.collect()
             torch.cuda.empty_cache()
@@ -328,6 +334,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-cpus", type=int, default=2, help="data: Ray CPUs (= cores used)")
     p.add_argument("--data-rows", type=int, default=2048, help="data: rows timed per size")
     p.add_argument("--data-sizes", nargs="+", type=int, default=[64, 224])
+    p.add_argument(
+        "--loop-steps",
+        type=int,
+        default=24,
+        help="data: tiny-recipe steps per prefetch-0/4 loop run (0 skips the comparison)",
+    )
     p.add_argument("--gpu-pairs-per-s", type=float, help="data: GPU figure for cores/GPU")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
     args = p.parse_args(argv)
@@ -378,13 +390,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_gpu_table(gpu))
         payload["gpu"] = [asdict(r) for r in gpu]
     if "data" in args.mode:
-        from bench.data_speed import bench_data, format_data_table
+        from bench.data_speed import bench_data, format_data_table, format_prefetch
 
-        data = bench_data(args.shards, args.data_cpus, args.data_rows, args.data_sizes)
+        data, prefetch = bench_data(
+            args.shards, args.data_cpus, args.data_rows, args.data_sizes, args.loop_steps
+        )
         print()
         gpu_rate = args.gpu_pairs_per_s or max((r.pairs_per_s for r in gpu), default=None)
         print(format_data_table(data, gpu_rate))
+        print(format_prefetch(prefetch))
         payload["data"] = [asdict(r) for r in data]
+        payload["loop_prefetch_pairs_per_s"] = prefetch
     elapsed = time.perf_counter() - started
     load_end = Path("/proc/loadavg").read_text().split()[:3]
     print(f"\ntotal {elapsed:.1f} s | load {' '.join(load_end)}")
