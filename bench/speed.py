@@ -248,6 +248,7 @@ def run_gpu(args: argparse.Namespace) -> list[GpuResult]:
             )
             results.append(r)
             print(f"  {_gpu_line(r)}", flush=True)
+            torch._dynamo.reset()  # drop the compiled graphs of this model and batch
             gc.collect()
             torch.cuda.empty_cache()
     if args.large_model:
@@ -330,7 +331,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--large-model", default=LARGE_MODEL, help="GPU: '' skips the batch search")
     p.add_argument("--large-limit", type=int, default=4096, help="GPU: largest batch tried")
     p.add_argument("--peak-tflops", type=float, help="GPU: peak dense bf16 TFLOP/s override")
-    p.add_argument("--shards", type=Path, default=Path("/tmp/bench-shards-8k"))
+    p.add_argument(
+        "--shards",
+        type=Path,
+        default=Path("/tmp/bench-shards-8k"),
+        help="data: ingest output (the synthetic corpus of bench.train_ray is ingested here "
+        "when there is no manifest)",
+    )
     p.add_argument("--data-cpus", type=int, default=2, help="data: Ray CPUs (= cores used)")
     p.add_argument("--data-rows", type=int, default=2048, help="data: rows timed per size")
     p.add_argument("--data-sizes", nargs="+", type=int, default=[64, 224])
@@ -391,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload["gpu"] = [asdict(r) for r in gpu]
     if "data" in args.mode:
         from bench.data_speed import bench_data, format_data_table, format_prefetch
+        from bench.train_ray import DEFAULT_SOURCE, ensure_shards
+
+        ensure_shards(args.shards, DEFAULT_SOURCE)  # ingests the synthetic corpus if missing
 
         data, prefetch = bench_data(
             args.shards, args.data_cpus, args.data_rows, args.data_sizes, args.loop_steps
