@@ -1,4 +1,11 @@
-"""Shared test fixtures.
+"""Shared test fixtures, and the scheduling of the suite on two lanes.
+
+``./dev test`` runs pytest with ``-n 2`` (pytest-xdist): most of the suite's time goes to a few
+end-to-end tests that start servers, Ray clusters and many Python processes one after another,
+which leaves one of the two cores idle much of the time. :func:`pytest_xdist_make_scheduler`
+keeps each test file on one worker (module fixtures run once), deals the long files out first,
+longest first, each to the lane with the least of them (LPT), then hands the other files to
+whichever lane drains first.
 
 ``open_clip_wheel``: the ``open_clip_torch`` wheel (an independent reference implementation of
 CLIP, also the carrier of OpenAI's BPE merges file), downloaded once with ``pip download`` into
@@ -15,6 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Seconds each long test file took on a quiet 2-core machine (pytest --durations): only their
+# order and relative size matter. Files not listed are short and scheduled afterwards.
+LONG_FILES = {
+    "tests/test_train_ray.py": 480,
+    "tests/test_dvc_pipeline.py": 466,
+    "tests/test_flows_e2e.py": 315,
+    "tests/test_prod_stack.py": 290,
+}
 
 OPEN_CLIP_VERSION = "3.3.0"  # `pip index versions open_clip_torch` listed 3.3.0 as the latest
 WHEEL_CACHE = Path.home() / ".cache" / "clipops-test" / "open_clip_wheel"
@@ -85,3 +101,39 @@ def moto_s3() -> Iterator[tuple[str, Any]]:
         yield endpoint, client
     finally:
         server.stop()
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Longest-first file scheduling for ``pytest -n N`` (see the module docstring)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LongFilesFirst(LoadScopeScheduling):
+        collection: list[str] | None  # set by schedule() (xdist is untyped)
+
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid.split("::", 1)[0]  # one unit per file
+
+        def schedule(self) -> None:
+            if self.collection is not None or not self._check_nodes_have_same_collection():
+                super().schedule()
+                return
+            collection = list(next(iter(self.registered_collections.values())))
+            units: dict[str, dict[str, bool]] = {}
+            for nodeid in collection:
+                units.setdefault(self._split_scope(nodeid), {})[nodeid] = False
+            long = sorted((f for f in units if f in LONG_FILES), key=lambda f: -LONG_FILES[f])
+            if not long or len(units) < len(self.nodes):
+                super().schedule()
+                return
+            self.collection = collection
+            for scope in long + [f for f in units if f not in LONG_FILES]:
+                self.workqueue[scope] = units[scope]
+            lanes = {node: 0 for node in self.nodes}
+            for scope in long:  # each long file to the lane with the least work so far
+                node = min(lanes, key=lambda n: lanes[n])
+                lanes[node] += LONG_FILES[scope]
+                self._assign_work_unit(node)  # pops ``scope``, the head of the queue
+            for node in self.nodes:
+                self._reschedule(node)  # a short file behind, so every lane can start
+
+    return LongFilesFirst(config, log)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
+from prod_stack import processes_mentioning
 from safetensors.torch import load_file
 
 from clip_core.checkpoint import load_checkpoint
@@ -76,22 +78,34 @@ def _registered_steps(run_dir: Path) -> list[int]:
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen[str], run_dir: Path, step: int) -> None:
-    deadline = time.time() + 400
+    deadline = time.time() + 900
     while time.time() < deadline:
         if any(s >= step for s in _registered_steps(run_dir)):
             return
         assert proc.poll() is None, f"training exited early ({proc.returncode})"
         time.sleep(0.5)
-    raise AssertionError(f"no registered checkpoint at step >= {step} within 400 s")
+    raise AssertionError(f"no registered checkpoint at step >= {step} within 900 s")
 
 
-def _train_workers() -> list[psutil.Process]:
+def _train_workers(driver: int) -> list[psutil.Process]:
+    """The Ray Train worker processes of this driver's local cluster (its descendants)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
-            found.append(p)
+    for p in psutil.Process(driver).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
     return found
+
+
+def _kill_leftovers(ray_tmp: Path) -> None:
+    """SIGKILL whatever of this test's Ray cluster outlived its driver (nothing else)."""
+    for pid, _ in processes_mentioning((str(ray_tmp),)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
 
 
 def _metric(root: Path, key: str) -> list[tuple[int, float]]:
@@ -110,12 +124,14 @@ def killed_and_resumed(shards: Path, tmp_path_factory: pytest.TempPathFactory) -
     """Run, kill a worker, kill the driver, rerun; yields (root, final stdout)."""
     root = tmp_path_factory.mktemp("ray")
     run_dir = root / "runs" / "resume-test"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="/tmp/rt-"))  # this test's Ray sessions, short paths
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     proc = subprocess.Popen(
-        _command(shards, root), text=True, stdout=subprocess.PIPE, start_new_session=True
+        _command(shards, root), text=True, stdout=subprocess.PIPE, start_new_session=True, env=env
     )
     try:
         _wait_for_checkpoint(proc, run_dir, EVERY)
-        workers = _train_workers()
+        workers = _train_workers(proc.pid)
         assert len(workers) == 2, workers
         workers[1].send_signal(signal.SIGKILL)  # one worker dies mid-epoch
         _wait_for_checkpoint(proc, run_dir, 3 * EVERY)
@@ -124,12 +140,21 @@ def killed_and_resumed(shards: Path, tmp_path_factory: pytest.TempPathFactory) -
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], check=False)
+        _kill_leftovers(ray_tmp)
     killed_at = max(_registered_steps(run_dir))
     assert killed_at < TOTAL
-    done = subprocess.run(
-        _command(shards, root), text=True, capture_output=True, timeout=600, check=False
-    )
+    try:
+        done = subprocess.run(
+            _command(shards, root),
+            text=True,
+            capture_output=True,
+            timeout=900,
+            check=False,
+            env=env,
+        )
+    finally:
+        _kill_leftovers(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     yield root, json.loads(done.stdout[done.stdout.index("{") :]), killed_at
 
