@@ -40,6 +40,7 @@ __all__ = [
     "augment_batch",
     "detector_batch",
     "detector_input",
+    "normalise_pixels",
 ]
 
 
@@ -162,7 +163,7 @@ def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
         return decoded.convert("RGB")
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
+def normalise_pixels(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, R, R] pixels in [0, 1] -> the detector's normalised input."""
     mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
@@ -176,7 +177,7 @@ def augment_batch(
 
     Per image: a crop keeping 80-100% of each side at a random offset, an aspect change of
     x0.87-1.15, a rotation of up to 8 degrees (one affine resampling, borders replicated),
-    a down/up-scaling round trip (x0.4-0.9, one factor per quarter of the batch) and
+    a down/up-scaling round trip (x0.6-1.0, one factor per quarter of the batch) and
     brightness/contrast/saturation jitter of x0.88-1.12. (JPEG artefacts come from the
     caller feeding JPEG-recompressed sources, see ``clip_overlap.detector``.)
     """
@@ -211,4 +212,4 @@ def augment_batch(
     x = (x - mean) * jitter[:, 1] + mean
     grey = x.mean(dim=1, keepdim=True)  # [B, 1, R, R]
     x = (x - grey) * jitter[:, 2] + grey
-    return _normalise(x.clamp(0.0, 1.0))
+    return normalise_pixels(x.clamp(0.0, 1.0))

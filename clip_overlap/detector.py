@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clip_core.dedup import DetectorConfig, DuplicateDetector, augment_batch
+from clip_core.dedup import DetectorConfig, DuplicateDetector, augment_batch, normalise_pixels
 from clip_core.loss import contrastive_loss
 from clip_core.transforms import decode_image
 from clip_overlap.shards import iter_batches
@@ -52,11 +52,16 @@ class DetectorTrainConfig:
     max_images: int = 20_000
     split: str = "train"
     seed: int = 0
+    mine_every: int = 0
+    mine_warmup: int = 10
+    mine_group: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_images"):
+        for name in ("steps", "batch_size", "max_images", "mine_group"):
             if int(getattr(self, name)) < 1:
                 raise DetectorError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.mine_every < 0 or self.mine_warmup < 0:
+            raise DetectorError("mine_every and mine_warmup must be >= 0 (mine_every 0: no mining)")
         if self.batch_size < 2:
             raise DetectorError("batch_size must be >= 2 (in-batch negatives)")
         if not 0 < self.temperature <= 1 or self.lr <= 0:
@@ -138,6 +143,37 @@ def _hard_batch(cheap: torch.Tensor, batch: int, rng: np.random.Generator) -> np
     return np.concatenate([near, rng.choice(far, size=batch - near.size, replace=False)])
 
 
+def _mined_batch(emb: torch.Tensor, batch: int, group: int, rng: np.random.Generator) -> np.ndarray:
+    """A batch of groups of mutual nearest neighbours in the current embedding [N, D]: each
+    group is a random anchor and the ``group - 1`` images the model finds most similar to
+    it (its current confusions: hard negatives), no image twice.
+    """
+    n = emb.shape[0]
+    taken = np.zeros(n, dtype=bool)
+    chosen: list[np.ndarray] = []
+    count = 0
+    for anchor in rng.permutation(n):
+        if count >= batch:
+            break
+        if taken[anchor]:
+            continue
+        order = torch.argsort(emb @ emb[int(anchor)], descending=True).numpy()  # [N]
+        members = order[~taken[order]][: min(group, batch - count)]
+        taken[members] = True
+        chosen.append(members)
+        count += members.size
+    return np.concatenate(chosen)
+
+
+@torch.no_grad()
+def _embed_pixels(model: DuplicateDetector, pixels: torch.Tensor) -> torch.Tensor:
+    """Eval-mode embeddings [N, D] of [N, 3, S, S] pixels in [0, 1] (model left in train mode)."""
+    model.eval()
+    parts = [model(normalise_pixels(pixels[i : i + 256])) for i in range(0, pixels.shape[0], 256)]
+    model.train()
+    return torch.cat(parts)
+
+
 def train_on_images(
     images: list[Image.Image], config: DetectorTrainConfig
 ) -> tuple[DuplicateDetector, list[float]]:
@@ -145,6 +181,10 @@ def train_on_images(
 
     Each step: a batch of mutually similar images (hard negatives), two augmented views of
     each (one view from a JPEG-recompressed source half of the time), InfoNCE between views.
+    Half of each batch is images with similar 8x8 thumbnails. With ``mine_every`` > 0 (off
+    by default), after ``mine_warmup`` steps the whole training set is re-embedded every
+    ``mine_every`` steps and batches are groups of ``mine_group`` images the model currently
+    confuses (online hard negatives; see docs/overlap.md for what it changes).
     """
     if len(images) < 2:
         raise DetectorError(f"need at least 2 training images, got {len(images)}")
@@ -164,9 +204,16 @@ def train_on_images(
     batch = min(config.batch_size, len(images))
     size = config.model.image_size
     losses: list[float] = []
+    mined: torch.Tensor | None = None  # [N, D] the model's embeddings, refreshed while mining
     model.train()
-    for _ in range(config.steps):
-        chosen = torch.from_numpy(_hard_batch(cheap, batch, rng))
+    for step in range(config.steps):
+        since = step - config.mine_warmup
+        if config.mine_every and since >= 0 and since % config.mine_every == 0:
+            mined = _embed_pixels(model, plain)
+        if mined is None:
+            chosen = torch.from_numpy(_hard_batch(cheap, batch, rng))
+        else:
+            chosen = torch.from_numpy(_mined_batch(mined, batch, config.mine_group, rng))
         use_jpeg = torch.rand(batch, 1, 1, 1, generator=gen) < 0.5  # [B, 1, 1, 1]
         second = torch.where(use_jpeg, jpeg[chosen], plain[chosen])  # [B, 3, S, S]
         views = augment_batch(torch.cat([plain[chosen], second]), size, gen)  # [2B, 3, R, R]

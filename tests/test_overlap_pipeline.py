@@ -18,10 +18,18 @@ import torch
 from clip_cli.main import main
 from clip_core import create_model
 from clip_core.checkpoint import save_checkpoint
+from clip_core.dedup import DetectorConfig
 from clip_core.synthetic import generate
 from clip_core.tokenizer import ClipTokenizer
 from clip_data.ingest import IngestConfig, ingest
-from clip_overlap.detector import DetectorTrainConfig, load_detector, train_detector
+from clip_overlap.detector import (
+    DetectorError,
+    DetectorTrainConfig,
+    _mined_batch,
+    load_detector,
+    train_detector,
+    train_on_images,
+)
 from clip_overlap.pipeline import OverlapConfig, run_overlap
 
 N_TRAIN, N_TEST = 400, 60
@@ -57,8 +65,12 @@ def test_detector_on_planted_copies(corpus: dict[str, Any]) -> None:
 
     The issue's target (recall >= 0.9 at precision >= 0.95) is NOT met by the tiny CPU
     detector: measured precision 0.64 at recall 0.60 here (no threshold reaches precision
-    0.95, so the best-precision one is taken; see docs/overlap.md). This asserts what it
-    does reach, and the CLIP-tower test below compares.
+    0.95, so the best-precision one is taken). docs/overlap.md ("Why the target is not met")
+    has the diagnosis: the planted copy is its test image's top-1 match in 11-15 of 15
+    cases, but copies score 0.84-0.99 while some unrelated test images' best match (same
+    colour, background and layout, another shape) scores 0.97-0.99, so no global threshold
+    separates them; even brute-force aligned pixel correlation of the top-10 reaches only
+    13 of 15. This asserts what the detector does reach, and the CLIP-tower test compares.
     """
     out = corpus["root"] / "out"
     report = run_overlap(
@@ -148,3 +160,27 @@ def test_detector_roundtrip(corpus: dict[str, Any]) -> None:
     emb = model(x)
     assert emb.shape == (2, model.config.embed_dim)
     assert np.allclose(emb.norm(dim=-1).detach().numpy(), 1.0, atol=1e-5)
+
+
+def test_mined_batches_are_nearest_neighbour_groups() -> None:
+    """Online hard-negative mining: groups of an anchor and its nearest neighbours, no repeats."""
+    emb = torch.nn.functional.normalize(
+        torch.randn(50, 8, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    chosen = _mined_batch(emb, 24, 6, np.random.default_rng(0))
+    assert chosen.shape == (24,) and np.unique(chosen).size == 24
+    first = chosen[:6]  # the first anchor and the 5 images most similar to it
+    sims = (emb @ emb[int(first[0])]).numpy()  # [50]
+    outside = np.setdiff1d(np.arange(50), first)
+    assert sims[first].min() >= sims[outside].max()
+
+
+def test_training_with_mining_runs_and_validates() -> None:
+    images = [s.image for s in generate(12, "train")]
+    model_cfg = DetectorConfig(image_size=16, widths=(8,), grid=2, embed_dim=8)
+    cfg = DetectorTrainConfig(model=model_cfg, steps=4, batch_size=8, mine_every=1, mine_warmup=1)
+    model, losses = train_on_images(images, cfg)
+    assert len(losses) == 4 and np.isfinite(losses).all()
+    assert not model.training
+    with pytest.raises(DetectorError, match="mine_every"):
+        DetectorTrainConfig(mine_every=-1)
