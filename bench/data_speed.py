@@ -79,7 +79,11 @@ def _batches(cfg: Any, ds: Any, prefetch: int) -> Any:
 @contextmanager
 def _closing(batches: Any) -> Iterator[Any]:
     """Iterate ``batches`` and close it on exit, so Ray Data stops its executor and threads
-    before the next dataset (or ``ray.shutdown``) instead of streaming on in the background."""
+    before the next dataset (or ``ray.shutdown``) instead of streaming on in the background.
+
+    The datasets are also limited to the rows used, so every iteration ends by itself (an
+    iterator left mid-stream made ``ray.shutdown`` kill the process).
+    """
     it = iter(batches)
     try:
         yield it
@@ -94,14 +98,13 @@ def _closing(batches: Any) -> Iterator[Any]:
 def _ray_rate(cfg: Any, job: Any, urls: list[str], size: int, rows: int) -> float:
     """Pairs/s the Ray Data pipeline delivers at ``size`` px, after the first batch."""
     delivered, start = 0, 0.0
-    with _closing(_batches(cfg, _dataset(cfg, job, urls, size), prefetch=4)) as batches:
+    ds = _dataset(cfg, job, urls, size).limit(rows + cfg.per_worker_batch)  # ends by itself
+    with _closing(_batches(cfg, ds, prefetch=4)) as batches:
         for i, b in enumerate(batches):
             if i == 0:
                 start = time.perf_counter()
                 continue
             delivered += int(b["image"].shape[0])
-            if delivered >= rows:
-                break
     return delivered / (time.perf_counter() - start)
 
 
@@ -155,15 +158,14 @@ def _loop_rate(cfg: Any, job: Any, urls: list[str], prefetch: int, steps: int) -
     )
     size = int(job.model_config["vision"]["image_size"])
     start, done = 0.0, 0
-    with _closing(_batches(cfg, _dataset(cfg, job, urls, size), prefetch)) as batches:
+    ds = _dataset(cfg, job, urls, size).limit((steps + 1) * cfg.per_worker_batch)
+    with _closing(_batches(cfg, ds, prefetch)) as batches:
         for i, b in enumerate(batches):
             stepper.step(b["image"], b["tokens"], o.lr)
             if i == 0:
                 start = time.perf_counter()
                 continue
             done += int(b["image"].shape[0])
-            if i >= steps:
-                break
     return done / (time.perf_counter() - start)
 
 
