@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from clip_core.checkpoint import load_checkpoint
 from clip_data.shards import iter_rows
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # setup ~8 min quiet, more on a shared machine
+# the fixture takes ~8 min on a quiet machine, more on a shared one
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 TRAIN, TEST, BATCH, EPOCHS, EVERY = 2048, 384, 128, 5, 16
 TOTAL = TRAIN // BATCH * EPOCHS  # 80 optimiser steps
