@@ -1,8 +1,9 @@
 """Shared test fixtures, and the scheduling of the suite on two lanes.
 
-``./dev test`` runs pytest with ``-n 2`` (pytest-xdist): most of the suite's time goes to a few
+``./dev test`` runs pytest with ``-n 3`` (pytest-xdist): most of the suite's time goes to a few
 end-to-end tests that start servers, Ray clusters and many Python processes one after another,
-which leaves one of the two cores idle much of the time. :func:`pytest_xdist_make_scheduler`
+waiting on each other much of the time, so three lanes keep the two cores busy (BENCHMARKS.md,
+"Test suite"). :func:`pytest_xdist_make_scheduler`
 keeps each test file on one worker (module fixtures run once), deals the long files out first,
 longest first, each to the lane with the least of them (LPT), then hands the other files to
 whichever lane drains first.
