@@ -152,7 +152,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     try:
         result = train(cfg, resume_from=args.resume_from)
-    except (TrainCheckpointError, DataError, ClusterError) as exc:
+    except (TrainCheckpointError, DataError, ClusterError, RunConfigError) as exc:
         print(f"clipops train: error: {exc}", file=sys.stderr)
         return 2
     print(

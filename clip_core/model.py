@@ -74,6 +74,15 @@ class CLIP(nn.Module):
         if isinstance(self.visual, VisionTransformer):
             self.visual.transformer.grad_checkpointing = enabled
 
+    def set_channels_last(self, enabled: bool = True) -> None:
+        """NHWC memory layout for a ResNet image tower (same results; faster convolutions).
+
+        Raises ``ValueError`` for a ViT tower, whose only convolution is the patch embedding.
+        """
+        if not isinstance(self.visual, ModifiedResNet):
+            raise ValueError("channels_last applies to ResNet image towers, not ViT")
+        self.visual.set_channels_last(enabled)
+
     @property
     def image_size(self) -> int:
         """Input resolution of the image tower."""

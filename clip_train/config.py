@@ -23,6 +23,7 @@ import yaml
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs")  # torch.compile backends offered
+ADAMW_IMPLEMENTATIONS = ("foreach", "fused", "for-loop")  # torch.optim.AdamW code paths
 
 
 class RunConfigError(ValueError):
@@ -71,6 +72,7 @@ class OptimSection:
     max_steps: int | None = None  # stop after this many optimiser steps (None = epochs)
     grad_clip_norm: float | None = None
     accum_steps: int = 1
+    adamw: str = "foreach"  # foreach | fused | for-loop: same update (bench/speed.py)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class PrecisionSection:
     grad_checkpointing: bool = False
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend when compile is true
+    channels_last: bool = False  # ResNet image towers: NHWC convolutions (bench/speed.py)
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,8 @@ def _validate(cfg: RunConfig) -> None:
     _validate_accelerator(infra, cfg.precision.precision)
     if cfg.precision.compile_backend not in COMPILE_BACKENDS:
         raise RunConfigError(f"precision.compile_backend must be one of {COMPILE_BACKENDS}")
+    if optim.adamw not in ADAMW_IMPLEMENTATIONS:
+        raise RunConfigError(f"optim.adamw must be one of {ADAMW_IMPLEMENTATIONS}")
     for name in ("every_steps", "keep"):
         if getattr(cfg.checkpoint, name) < 1:
             raise RunConfigError(f"checkpoint.{name} must be >= 1")

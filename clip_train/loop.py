@@ -136,11 +136,14 @@ def _setup(cfg: RunConfig, job: JobSpec) -> tuple[CLIP, torch.nn.Module, Stepper
         model.load_state_dict(state.model.state_dict())
     if cfg.precision.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.precision.channels_last:
+        model.set_channels_last(True)
     wrapped: torch.nn.Module = ray.train.torch.prepare_model(model)
     if cfg.precision.compile:
         wrapped = compile_model(wrapped, cfg.precision.compile_backend)
     o = cfg.optim
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+    betas = (o.beta1, o.beta2)
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, betas, o.eps, implementation=o.adamw)
     stepper = Stepper(
         wrapped, raw=model, optimizer=optimizer, optim=o, precision=cfg.precision, device=device
     )

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-ADAMW_IMPLEMENTATIONS = ("foreach", "fused", "for-loop")
+from clip_train.config import ADAMW_IMPLEMENTATIONS
 
 
 def is_decay_exempt(name: str, param: torch.Tensor) -> bool:

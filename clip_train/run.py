@@ -23,7 +23,7 @@ import fsspec
 from clip_core.checkpoint import CheckpointError, load_checkpoint
 from clip_core.registry import get_model_config
 from clip_core.tokenizer import ClipTokenizer
-from clip_train.config import RunConfig
+from clip_train.config import RunConfig, RunConfigError
 from clip_train.data import (
     DataError,
     build_dataset,
@@ -114,6 +114,10 @@ def _validate_inputs(cfg: RunConfig, resume_from: str | None) -> None:
 
 def plan(cfg: RunConfig, resume_from: str | None = None) -> tuple[JobSpec, list[str], str | None]:
     """Resolve data, tokenizer, model config and step counts (no Ray, no tracking)."""
+    if cfg.precision.channels_last and get_model_config(cfg.model.name).vision.type != "resnet":
+        raise RunConfigError(
+            f"precision.channels_last applies to ResNet image towers; {cfg.model.name} is a ViT"
+        )
     _validate_inputs(cfg, resume_from)
     shards = absolute_uri(cfg.data.shards)  # Ray workers run in another directory
     manifest = read_manifest_any(shards)

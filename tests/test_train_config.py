@@ -86,3 +86,26 @@ def test_gpu_type_is_pinned_and_checked_against_the_precision() -> None:
     trainer = _trainer(v100, job, dataset=None)
     scaling = trainer.scaling_config
     assert (scaling.accelerator_type, scaling.num_workers, scaling.use_gpu) == ("V100", 256, True)
+
+
+def test_speed_flags_are_checked_and_reach_the_model_and_optimiser() -> None:
+    """optim.adamw and precision.channels_last (bench/speed.py's optimisations) as run config."""
+    import torch
+
+    from clip_core import create_model
+    from clip_train.optim import build_optimizer
+    from clip_train.run import plan
+
+    with pytest.raises(RunConfigError, match=r"optim\.adamw"):
+        load_run_config("tiny", ["optim.adamw=apex"])
+    cfg = load_run_config("tiny", ["optim.adamw=fused", "precision.channels_last=true"])
+    with pytest.raises(RunConfigError, match="ResNet image towers"):
+        plan(cfg)  # tiny is a ViT: refused before any data is read
+    model = create_model("tiny-rn")
+    model.set_channels_last(cfg.precision.channels_last)
+    conv = model.visual.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    opt = build_optimizer(model, 1e-3, 0.2, implementation=cfg.optim.adamw)
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]
+    with pytest.raises(ValueError, match="ResNet"):
+        create_model("tiny-vit").set_channels_last(True)
