@@ -50,19 +50,9 @@ def _plan(shards: Path) -> tuple[Any, Any, list[str]]:
 
 def _dataset(cfg: Any, job: Any, urls: list[str], size: int) -> Any:
     """``clip_train``'s Ray Data pipeline at ``size`` px, one CPU per preprocessing task."""
-    from clip_core.tokenizer import ClipTokenizer
-    from clip_train.data import build_dataset
+    from clip_train.run import training_dataset
 
-    return build_dataset(
-        urls,
-        split=cfg.data.split,
-        tokenizer=ClipTokenizer.from_merges(job.merges, context_length=job.context_length),
-        image_size=size,
-        scale=cfg.data.train_scale,
-        seed=cfg.seed,
-        preprocess_cpus=1.0,
-        preprocess_batch=cfg.data.preprocess_batch,
-    )
+    return training_dataset(cfg, job, urls, image_size=size, preprocess_cpus=1.0)
 
 
 def _batches(cfg: Any, ds: Any, prefetch: int) -> Any:

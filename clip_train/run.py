@@ -163,6 +163,29 @@ def _tracking(cfg: RunConfig, version: str | None) -> TrackingTarget:
     )
 
 
+def training_dataset(
+    cfg: RunConfig,
+    job: JobSpec,
+    urls: list[str],
+    *,
+    image_size: int | None = None,
+    preprocess_cpus: float | None = None,
+) -> Any:
+    """The run's Ray Data pipeline over ``urls`` (``plan``'s output); ``image_size`` and
+    ``preprocess_cpus`` default to the model's resolution and ``data.preprocess_cpus``."""
+    size = image_size or int(job.model_config["vision"]["image_size"])
+    return build_dataset(
+        urls,
+        split=cfg.data.split,
+        tokenizer=ClipTokenizer.from_merges(job.merges, context_length=job.context_length),
+        image_size=size,
+        scale=cfg.data.train_scale,
+        seed=cfg.seed,
+        preprocess_cpus=cfg.data.preprocess_cpus if preprocess_cpus is None else preprocess_cpus,
+        preprocess_batch=cfg.data.preprocess_batch,
+    )
+
+
 def _trainer(cfg: RunConfig, job: JobSpec, dataset: Any) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -260,17 +283,7 @@ def train(
         f"{cfg.infra.num_workers} workers x batch {cfg.per_worker_batch}, "
         f"mlflow run {target.run_id}"
     )
-    image_size = int(job.model_config["vision"]["image_size"])
-    dataset = build_dataset(
-        urls,
-        split=cfg.data.split,
-        tokenizer=ClipTokenizer.from_merges(job.merges, context_length=job.context_length),
-        image_size=image_size,
-        scale=cfg.data.train_scale,
-        seed=cfg.seed,
-        preprocess_cpus=cfg.data.preprocess_cpus,
-        preprocess_batch=cfg.data.preprocess_batch,
-    )
+    dataset = training_dataset(cfg, job, urls)
     try:
         result = _trainer(cfg, job, dataset).fit()
     except Exception as exc:

@@ -1,12 +1,11 @@
-"""Shared test fixtures, and the scheduling of the suite on two lanes.
+"""Shared test fixtures, and the scheduling of the suite on three lanes.
 
 ``./dev test`` runs pytest with ``-n 3`` (pytest-xdist): most of the suite's time goes to a few
 end-to-end tests that start servers, Ray clusters and many Python processes one after another,
 waiting on each other much of the time, so three lanes keep the two cores busy (BENCHMARKS.md,
-"Test suite"). :func:`pytest_xdist_make_scheduler`
-keeps each test file on one worker (module fixtures run once), deals the long files out first,
-longest first, each to the lane with the least of them (LPT), then hands the other files to
-whichever lane drains first.
+"Test suite"). :func:`pytest_xdist_make_scheduler` keeps each test file on one worker (module
+fixtures run once), deals the long files out first, longest first, each to the lane with the
+least of them (LPT), then hands the other files to whichever lane drains first.
 
 ``open_clip_wheel``: the ``open_clip_torch`` wheel (an independent reference implementation of
 CLIP, also the carrier of OpenAI's BPE merges file), downloaded once with ``pip download`` into
