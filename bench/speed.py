@@ -35,6 +35,10 @@ bf16 for H100 SXM / H200, from the device name; ``--peak-tflops`` overrides). Th
 with gradient checkpointing at the largest per-GPU batch that fits (doubling from 64, then
 bisection to a multiple of 32, catching ``torch.cuda.OutOfMemoryError``).
 
+**open-clip**: ``bench.vs_open_clip``: the same model trained by open_clip (its model, loss
+and AdamW, from its wheel) and by clipops (``Stepper``, fast settings), steps interleaved in
+this process, after checks that both train the same model the same way; prints the ratio.
+
 **data**: the Ray Data input pipeline of ``clip_train`` (``clip_train.data.build_dataset``,
 iterated with ``iter_torch_batches`` as the training loop does, no model) on a local Ray
 cluster of ``--data-cpus`` CPUs: delivered pairs/s and pairs/s per CPU core, at the tiny
@@ -42,8 +46,8 @@ recipe's 64 px and at 224 px. Cores per GPU = GPU pairs/s / per-core pairs/s. Th
 data-pipeline prefetch: the tiny recipe's model (``Stepper``, 1 thread) trained on that
 pipeline with ``prefetch_batches`` 0 and 4 (the loop's setting), runs alternated.
 
-    .venv/bin/python -m bench.speed [--mode cpu gpu data] [--models ...] [--compile-models ...]
-        [--steps N] [--threads N] [--json OUT]
+    .venv/bin/python -m bench.speed [--mode cpu gpu data open-clip] [--models ...]
+        [--compile-models ...] [--open-clip-models ...] [--steps N] [--threads N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from clip_train.config import OptimSection, PrecisionSection
 from clip_train.optim import build_optimizer
 from clip_train.step import Stepper, compile_model
 
-MODES = ("cpu", "gpu", "data")
+MODES = ("cpu", "gpu", "data", "open-clip")
 GPU_MODELS = ("ViT-B-32", "RN50")
 GPU_BATCHES = (256, 512)
 LARGE_MODEL = "ViT-L-14"
@@ -347,6 +351,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=24,
         help="data: tiny-recipe steps per prefetch-0/4 loop run (0 skips the comparison)",
     )
+    p.add_argument(
+        "--open-clip-models",
+        nargs="+",
+        default=["tiny-vit", "tiny-rn", "ViT-B-32", "RN50"],
+        metavar="NAME",
+        help="open-clip: models compared with open_clip (bench.vs_open_clip)",
+    )
     p.add_argument("--gpu-pairs-per-s", type=float, help="data: GPU figure for cores/GPU")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
     args = p.parse_args(argv)
@@ -354,7 +365,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         value = getattr(args, opt)
         if value is not None and value < 1:
             p.error(f"--{opt} must be at least 1")
-    for name in [*args.models, *args.compile_models]:
+    for name in [*args.models, *args.compile_models, *args.open_clip_models]:
         try:
             get_model_config(name)
         except KeyError as exc:
@@ -411,6 +422,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_prefetch(prefetch))
         payload["data"] = [asdict(r) for r in data]
         payload["loop_prefetch_pairs_per_s"] = prefetch
+    if "open-clip" in args.mode:
+        from bench.vs_open_clip import format_table, run_comparison
+
+        try:
+            pairs = run_comparison(args.open_clip_models, batch=args.batch, steps=args.steps)
+        except FileNotFoundError as exc:  # no open_clip wheel
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print()
+        print(format_table(pairs))
+        payload["open_clip"] = [asdict(r) for r in pairs]
     elapsed = time.perf_counter() - started
     load_end = Path("/proc/loadavg").read_text().split()[:3]
     print(f"\ntotal {elapsed:.1f} s | load {' '.join(load_end)}")

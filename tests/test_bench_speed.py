@@ -9,18 +9,22 @@ a variant that computes a different loss.
 
 from __future__ import annotations
 
+import importlib.util
+import math
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import cpu_speed, flops, speed
+from bench import cpu_speed, flops, speed, vs_open_clip
 from bench.data_speed import DataResult, format_data_table
 from bench.train_step import make_inputs
 from clip_core.checkpoint import load_checkpoint, save_checkpoint
-from clip_core.model import CLIP, ClipOutput
+from clip_core.model import CLIP, ClipOutput, count_parameters
 from clip_core.registry import create_model, get_model_config
 from clip_core.resnet import ModifiedResNet
 from clip_train.optim import build_optimizer
@@ -191,3 +195,49 @@ def test_data_table_states_the_cores_per_gpu_formula() -> None:
     assert "| n/a |" in format_data_table(rows, None)
     text = format_data_table(rows, 3000.0)
     assert "| 15.0 |" in text and "GPU training pairs/s / Ray Data pairs/s per core" in text
+
+
+@pytest.mark.network
+def test_open_clip_comparison_trains_the_same_model_on_both_sides(open_clip_wheel: Path) -> None:
+    """bench.vs_open_clip on tiny-rn: same parameters, features, loss and update, then timed."""
+    oc = vs_open_clip.load_open_clip(open_clip_wheel)
+    assert importlib.util.find_spec("torchvision") is not None or "torchvision" not in sys.modules
+    plan = vs_open_clip.Plan(batch=4, steps=1, warmup=0)
+    r = vs_open_clip.compare_model(oc, "tiny-rn", plan, adamw="fused")
+    assert r.params_clipops == r.params_open_clip == count_parameters(create_model("tiny-rn"))
+    assert r.open_clip_config == "translated"  # open_clip has no tiny-rn config of its own
+    losses = r.losses_clipops + r.losses_open_clip
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    # one step of each from the same weights: the next losses still agree
+    assert abs(r.losses_clipops[1] - r.losses_open_clip[1]) < 1e-4 * abs(r.losses_open_clip[1])
+    assert r.feature_max_diff <= vs_open_clip.FEATURE_ATOL
+    assert r.update_rel_diff <= vs_open_clip.UPDATE_RTOL
+    assert r.forward_gflops_counted_clipops == pytest.approx(r.forward_gflops_analytic, rel=1e-3)
+    # open_clip's attention pool computes every token's output (clipops: the pooled one only)
+    assert r.forward_gflops_counted_open_clip > r.forward_gflops_counted_clipops
+    assert r.clipops_pairs_per_s > 0 and r.open_clip_pairs_per_s > 0
+    assert r.ratio == pytest.approx(r.clipops_pairs_per_s / r.open_clip_pairs_per_s)
+    assert "| tiny-rn | 4 | 2,699,289 |" in vs_open_clip.format_table([r])
+
+
+@pytest.mark.network
+def test_open_clip_comparison_rejects_a_different_model(
+    open_clip_wheel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same parameter names and shapes but GELU instead of QuickGELU: the check must fail."""
+    oc = vs_open_clip.load_open_clip(open_clip_wheel)
+
+    def gelu_model(oc: vs_open_clip.OpenClip, config: dict[str, Any]) -> torch.nn.Module:
+        model: torch.nn.Module = oc.model.CLIP(
+            config["embed_dim"],
+            vision_cfg=oc.model.CLIPVisionCfg(**config["vision_cfg"]),
+            text_cfg=oc.model.CLIPTextCfg(**config["text_cfg"]),
+            quick_gelu=False,
+            output_dict=True,
+        )
+        return model
+
+    monkeypatch.setattr(vs_open_clip, "build_open_clip", gelu_model)
+    plan = vs_open_clip.Plan(batch=2, steps=1, warmup=0)
+    with pytest.raises(RuntimeError, match="tiny-vit features"):
+        vs_open_clip.compare_model(oc, "tiny-vit", plan, adamw="foreach")
