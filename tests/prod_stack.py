@@ -1,4 +1,4 @@
-"""Services of the production-like stack for tests: PostgreSQL and an MLflow tracking server.
+"""Services of the production-like stack for tests: PostgreSQL, MLflow and Prefect servers.
 
 * :func:`postgres` runs Debian's PostgreSQL 15 (``initdb`` + ``pg_ctl``) in a fresh data
   directory on a free loopback port, with password (SCRAM) authentication and its unix socket
@@ -10,7 +10,10 @@
   store URI (it holds the database password) is passed in the environment
   (``MLFLOW_BACKEND_STORE_URI``), not on the command line where ``ps`` would show it.
 
-Both are context managers that stop what they started (``pg_ctl stop``; the server's whole
+* :func:`prefect_server` runs ``prefect server start`` with a database (PostgreSQL) backend,
+  the connection URL in its environment too.
+
+All are context managers that stop what they started (``pg_ctl stop``; the server's whole
 process group) on exit.
 """
 
@@ -249,3 +252,40 @@ def ray_head(env: Mapping[str, str], temp: Path, num_cpus: int = 4) -> Iterator[
         yield f"127.0.0.1:{port}"
     finally:
         stop_group(proc, grace=30.0)
+
+
+@contextmanager
+def prefect_server(
+    database_url: str, env: Mapping[str, str], home: Path, log: Path, timeout: float = 300.0
+) -> Iterator[str]:
+    """``prefect server start`` on a free loopback port with ``database_url`` as its database.
+
+    Yields the API URL (``http://127.0.0.1:PORT/api``). The database URL (it holds the
+    password) travels in the server's environment, never on its command line; the UI and
+    analytics are off; ``home`` is its ``PREFECT_HOME``. Stops the whole process group on exit.
+    """
+    port = free_port()
+    prefect = str(Path(sys.executable).parent / "prefect")
+    cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    full_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    full_env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=database_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+    )
+    home.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        try:
+            _wait_for(lambda: _healthy(f"{api}/health"), "prefect server", timeout, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{exc}; its log ends with:\n{tail}") from None
+        yield api
+    finally:
+        stop_group(proc)

@@ -8,6 +8,13 @@ the existing token-auth cluster (``ray start --head``), reads its shards from S3
 its Ray run storage (checkpoints, final model) to S3 and its MLflow run to the server; the
 model is registered (``clipops register``), loaded back from the registry and embeds a text.
 
+The training runs the way a team runs it: a Prefect server on the same PostgreSQL, the
+``clipops-ray`` work pool created from ``infra/prefect/ray-work-pool.json``, the
+``pretrain/vit-b32-cluster`` deployment from ``infra/prefect/deployments.yaml`` (parameters
+overridden to the tiny recipe on CPUs), the Ray address and tracking URI given as the pool's
+job variables, and one pass of ``prefect worker start --pool clipops-ray`` runs the flow
+(train, then the smoke eval suite logged to the same MLflow run).
+
 Credentials: every process that needs S3 gets a recognisable fake secret key in its
 environment (moto accepts any key), the database password is another one. Neither may appear
 in any output: the processes' stdout/stderr, the server logs, the files under the test's
@@ -34,18 +41,20 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prod_stack import (
     files_containing,
     mlflow_server,
     postgres,
+    prefect_server,
     processes_mentioning,
     ray_head,
 )
 
 from clip_data.versioning import dvc, dvc_md5, recorded_md5, write_demo_raw
 
-# ~4-5 min on an idle 2-core machine; 12 min seen with other test suites running beside it
+# ~5 min on an idle 2-core machine (6.5 min with 3 other jobs); 12 min seen when shared
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 BUCKET = "clipops-prod"
@@ -55,6 +64,8 @@ RAY_TOKEN = secrets.token_hex(32)  # the Ray cluster's token: a credential too
 RAY_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
 ACCESS_KEY = "AKIACLIPOPSTEST"
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+PATH = f"{BIN}:{os.environ.get('PATH', '')}"  # the flow-run process's python is this venv's
 # Tracking clients download proxied artifacts through the server, not by presigned S3 URLs:
 # MLflow's S3 store uploads ``*.gz`` files with ``Content-Encoding: gzip`` and the presigned
 # ranged download of such a file (the checkpoint's bpe_merges.txt.gz) never matches its size.
@@ -171,24 +182,73 @@ def _train_without_token(out: Outputs, env: Mapping[str, str], cluster: str) -> 
     assert "RAY_AUTH_TOKEN" in denied.stderr and "Traceback" not in denied.stderr
 
 
-def _train(out: Outputs, env: Mapping[str, str], tracking: str, cluster: str) -> dict[str, Any]:
-    """``clipops train --config tiny`` on the cluster: shards, run storage, artifacts on S3."""
-    settings = [
-        f"infra.ray_address={cluster}",
-        f"data.shards=s3://{BUCKET}/shards",
-        "data.global_batch_size=64",
-        "optim.max_steps=4",
-        "checkpoint.every_steps=2",
-        f"infra.storage_path=s3://{BUCKET}/runs",
-        "infra.run_name=prod",
-        f"tracking.uri={tracking}",
-        "tracking.system_metrics=false",
-    ]
-    cmd = [str(BIN / "clipops"), "train", "--config", "tiny", *[f"--set={s}" for s in settings]]
-    done = out.run("clipops train", cmd, {**env, **RAY_AUTH})
-    assert f"connected to Ray cluster at {cluster}" in done.stdout
-    result: dict[str, Any] = json.loads(done.stdout[done.stdout.index("{") :])
-    return result
+def _train_on_pool(
+    out: Outputs, env: Mapping[str, str], tracking: str, cluster: str, runs: Path
+) -> dict[str, Any]:
+    """``pretrain/vit-b32-cluster`` through a worker of the ``clipops-ray`` pool, as deployed.
+
+    The pool comes from ``infra/prefect/ray-work-pool.json`` and the deployment from
+    ``infra/prefect/deployments.yaml``, unchanged; the flow run gets the tiny recipe on CPUs
+    as parameters and the cluster and tracking server as the pool's job variables. The Ray
+    token and the S3 credentials are the worker's own environment (``env``). Returns the
+    finished flow run (Prefect's REST answer) and the worker's output.
+    """
+    prefect = str(BIN / "prefect")
+    template = str(ROOT / "infra" / "prefect" / "ray-work-pool.json")
+    pool = [prefect, "--no-prompt", "work-pool", "create", "clipops-ray", "--type", "process"]
+    out.run("work-pool create", [*pool, "--base-job-template", template], env, cwd=ROOT)
+    deploy = [prefect, "--no-prompt", "deploy", "--name", "vit-b32-cluster"]
+    deploy += ["--prefect-file", str(ROOT / "infra" / "prefect" / "deployments.yaml")]
+    out.run("prefect deploy", deploy, env, cwd=ROOT)
+    params = {
+        "recipe": "tiny",
+        "num_workers": 2,
+        "use_gpu": False,
+        "shards": f"s3://{BUCKET}/shards",
+        "storage_path": f"s3://{BUCKET}/runs",
+        "run_name": "prod",
+        "out_dir": str(runs),
+        "suite": "configs/test-suite.yaml",
+        "overlap": False,
+        "registry": False,  # registered below by a client without S3 credentials
+        "overrides": [
+            "data.global_batch_size=64",
+            "optim.max_steps=4",
+            "checkpoint.every_steps=2",
+            "tracking.system_metrics=false",
+            "tracking.log_every=1",
+        ],
+    }
+    run = [prefect, "deployment", "run", "pretrain/vit-b32-cluster", "--params", json.dumps(params)]
+    for key, value in (("ray_address", cluster), ("mlflow_tracking_uri", tracking)):
+        run += ["--job-variable", f"{key}={value}"]
+    run += ["--job-variable", f"clipops_home={ROOT}"]
+    started = out.run("deployment run", run, env, cwd=ROOT)
+    run_id = next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line)
+    worker = [prefect, "worker", "start", "--pool", "clipops-ray", "--run-once"]
+    done = out.run("prefect worker", worker, env, cwd=ROOT)
+    api = env["PREFECT_API_URL"]
+    flow_run: dict[str, Any] = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
+    assert flow_run["state"]["type"] == "COMPLETED", (flow_run["state"], done.stdout[-3000:])
+    assert flow_run["job_variables"]["ray_address"] == cluster
+    # the flow's ray_address=auto resolved to the pool's job variable: the head's 4 CPUs
+    assert "connected to Ray cluster at auto (4 CPUs)" in done.stdout + done.stderr
+    return flow_run
+
+
+def _finished_run(tracking: str, run_name: str) -> str:
+    """The MLflow run of training ``run_name`` on the server: finished, 4 steps, evaluated."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("clip-tiny")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], f"tags.`clipops.run_name` = '{run_name}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+    run_id = str(runs[0].info.run_id)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
+    assert 0.0 <= runs[0].data.metrics["eval/synthetic-test/zero_shot/top1"] <= 1.0
+    return run_id
 
 
 def _embed_from_registry(tracking: str, name: str, text: str) -> list[float]:
@@ -262,7 +322,7 @@ def test_prod_stack_end_to_end(
     ray_tmp = scratch / "ray"
     ray_tmp.mkdir()
     pg_dirs: list[Path] = []
-    tracking = ""
+    tracking = api = ""
     try:
         with ExitStack() as stack:
             pg = stack.enter_context(postgres(PG_PASSWORD))
@@ -277,6 +337,15 @@ def test_prod_stack_end_to_end(
                 )
             )
             cluster = stack.enter_context(ray_head({**s3_env, **RAY_AUTH}, ray_tmp))
+            pg.create_database("prefect")
+            api = stack.enter_context(
+                prefect_server(
+                    pg.url("prefect", "postgresql+asyncpg"),
+                    base,
+                    tmp_path / "prefect-server",
+                    tmp_path / "prefect-server.log",
+                )
+            )
             raw = _dataset_via_dvc(out, s3_env, endpoint, tmp_path / "dvc")
             shards = f"s3://{BUCKET}/shards"
             ingest = [str(BIN / "clipops"), "ingest", str(raw / "captions.csv"), shards]
@@ -284,14 +353,14 @@ def test_prod_stack_end_to_end(
             assert "shards/manifest.json" in _bucket_keys(s3, "shards/")
 
             _train_without_token(out, s3_env, cluster)
-            result = _train(out, s3_env, tracking, cluster)
-            assert result["steps"] == 4
-            assert result["final_model"] == f"s3://{BUCKET}/runs/prod/final"
+            worker_env = {**s3_env, **RAY_AUTH, "PREFECT_API_URL": api, "PATH": PATH}
+            worker_env.update(PREFECT_HOME=str(tmp_path / "prefect-client"))
+            _train_on_pool(out, worker_env, tracking, cluster, tmp_path / "flow-runs")
+            run_id = _finished_run(tracking, "prod")
             stored = _bucket_keys(s3, "runs/prod/")
             assert "runs/prod/final/model.safetensors" in stored, sorted(stored)
             assert "runs/prod/tokenizer-merges.txt.gz" in stored
             assert any(k.endswith("/train_state.json") for k in stored)  # Ray's checkpoints
-            run_id = str(result["mlflow_run_id"])
             # the run's checkpoint/ artifact went through the server into the bucket
             logged = _bucket_keys(s3, "mlflow/")
             assert any(
@@ -312,16 +381,16 @@ def test_prod_stack_end_to_end(
             assert len(_bucket_keys(s3, "mlflow/")) > len(logged)  # the pyfunc model too
 
             out.texts.update(_mlflow_records(tracking, name))
-        _assert_nothing_running(scratch, pg_dirs, tracking)
+        _assert_nothing_running(scratch, pg_dirs, (tracking, api))
         _assert_secret_absent(out, s3, [tmp_path, scratch, *pg_dirs])
     finally:
         for path in pg_dirs:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _assert_nothing_running(scratch: Path, pg_dirs: list[Path], tracking: str) -> None:
-    port = tracking.rsplit(":", 1)[-1]
-    needles = (str(scratch), *[str(p) for p in pg_dirs], f"--port {port}")
+def _assert_nothing_running(scratch: Path, pg_dirs: list[Path], urls: tuple[str, ...]) -> None:
+    ports = [url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[-1] for url in urls]
+    needles = (str(scratch), *[str(p) for p in pg_dirs], *[f"--port {port}" for port in ports])
     deadline = time.monotonic() + 60  # Ray's daemons exit shortly after their driver
     while (left := processes_mentioning(needles)) and time.monotonic() < deadline:
         time.sleep(1)
