@@ -163,18 +163,31 @@ def mlflow_server(
     # no job-execution runner (huey consumers: more processes importing mlflow at start-up)
     full_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     full_env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri
+    url = f"http://127.0.0.1:{port}"
+    with _served(cmd, full_env, log, health=f"{url}/health", what="mlflow server", timeout=timeout):
+        yield url
+
+
+@contextmanager
+def _served(
+    cmd: list[str], env: Mapping[str, str], log: Path, *, health: str, what: str, timeout: float
+) -> Iterator[None]:
+    """Run ``cmd`` in its own process group, output to ``log``, until ``health`` answers 200.
+
+    Fails with the log's tail when the server exits or does not become healthy in time;
+    stops the whole process group on exit.
+    """
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    url = f"http://127.0.0.1:{port}"
     try:
         try:
-            _wait_for(lambda: _healthy(f"{url}/health"), "mlflow server", timeout, proc)
+            _wait_for(lambda: _healthy(health), what, timeout, proc)
         except (RuntimeError, TimeoutError) as exc:
             tail = log.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{exc}; its log ends with:\n{tail}") from None
-        yield url
+        yield
     finally:
         stop_group(proc)
 
@@ -275,17 +288,7 @@ def prefect_server(
         PREFECT_UI_ENABLED="false",
     )
     home.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
     api = f"http://127.0.0.1:{port}/api"
-    try:
-        try:
-            _wait_for(lambda: _healthy(f"{api}/health"), "prefect server", timeout, proc)
-        except (RuntimeError, TimeoutError) as exc:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{exc}; its log ends with:\n{tail}") from None
+    health = f"{api}/health"
+    with _served(cmd, full_env, log, health=health, what="prefect server", timeout=timeout):
         yield api
-    finally:
-        stop_group(proc)
