@@ -22,6 +22,7 @@ from torch import nn
 
 from clip_core.loss import local_rows_loss
 from clip_core.model import CLIP, ClipOutput
+from clip_core.transforms import normalize_pixels
 from clip_train.config import OptimSection, PrecisionSection
 from clip_train.optim import set_lr
 
@@ -114,7 +115,13 @@ class Stepper:
             yield loss
 
     def step(self, images: torch.Tensor, tokens: torch.Tensor, lr: float) -> StepResult:
-        """One update from this worker's batch: images [n, 3, R, R], tokens [n, L]."""
+        """One update from this worker's batch: images [n, 3, R, R], tokens [n, L].
+
+        ``images`` are normalised float pixels, or uint8 RGB pixels as the input pipeline
+        ships them, normalised here on the step's device (OpenAI mean/std).
+        """
+        if images.dtype == torch.uint8:
+            images = normalize_pixels(images)  # [n, 3, R, R] float32
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros(())

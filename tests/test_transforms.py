@@ -25,7 +25,9 @@ from clip_core.transforms import (
     collate_images,
     decode_image,
     eval_transform,
+    normalize_pixels,
     to_normalized_tensor,
+    to_uint8_tensor,
     train_transform,
     verify_image,
 )
@@ -629,3 +631,38 @@ def test_verify_image_agrees_with_decode_image(case: str) -> None:
         got = type(exc)
     assert got == expected
     assert (case in ("ok", "palette")) == isinstance(got, tuple)
+
+
+# --------------------------------------------------------------------------------------------
+# uint8 pixels, normalised later (the training pipeline's contract)
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_pixels_normalised_as_a_batch_equal_the_float_transform_exactly() -> None:
+    t = TrainTransform(32, scale=(0.5, 1.0))
+    images = [_noise(40 + 7 * i, 36 + 3 * i, seed=i) for i in range(4)]
+    floats = torch.stack(
+        [t(im, generator=torch.Generator().manual_seed(i)) for i, im in enumerate(images)]
+    )  # [4, 3, 32, 32]
+    pixels = torch.stack(
+        [t.pixels(im, generator=torch.Generator().manual_seed(i)) for i, im in enumerate(images)]
+    )  # [4, 3, 32, 32] uint8
+    assert pixels.dtype == torch.uint8 and pixels.is_contiguous()
+    assert torch.equal(normalize_pixels(pixels), floats)  # bit for bit, same crops
+
+
+def test_uint8_tensor_is_channel_first_rgb() -> None:
+    rgba = Image.new("RGBA", (5, 4), (10, 20, 30, 0))  # fully transparent: white
+    pixels = to_uint8_tensor(rgba)
+    assert pixels.shape == (3, 4, 5) and pixels.dtype == torch.uint8
+    assert pixels.unique().tolist() == [255]
+    arr = np.asarray(_noise(6, 3))
+    expected = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # [3, H, W]
+    assert torch.equal(to_uint8_tensor(Image.fromarray(arr)), expected)
+
+
+def test_normalize_pixels_refuses_floats_and_bad_shapes() -> None:
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_pixels(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 3, H, W\]"):
+        normalize_pixels(torch.zeros(2, 4, 4, 4, dtype=torch.uint8))
