@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_workers import make_batch, make_model
+from dist_workers import fast_stepper, make_batch, make_model, optimised_step_worker
 from safetensors.torch import load_file
 from train_workers import MODEL, make_stepper, step_worker
 
+from clip_core.checkpoint import load_checkpoint
 from clip_train.config import OptimSection, PrecisionSection
 from clip_train.optim import build_optimizer
 from clip_train.step import Stepper, compile_model
@@ -187,3 +188,82 @@ def test_the_run_seed_fixes_the_weights_and_the_steps() -> None:
     first, again, other = trained(0), trained(0), trained(1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+# Every CPU optimisation of issue 10 on 2 workers (compile aside: it has its own test above):
+# DDP + local-rows loss + fused attention (the library default) + fused AdamW + channels-last
+# ResNet convolutions. (tiny-vit with foreach AdamW is the first test of this file.)
+OPTIMISED = [
+    {
+        "id": f"{m}-fast",
+        "model": m,
+        "n": str(N),
+        "steps": str(STEPS),
+        "adamw": a,
+        "channels_last": c,
+    }
+    for m, a, c in [("tiny-rn", "fused", "1"), ("tiny-vit", "fused", "0")]
+]
+
+
+@pytest.fixture(scope="module")
+def optimised_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both OPTIMISED specs in 2 spawned gloo processes (one start-up for both)."""
+    tmp = tmp_path_factory.mktemp("optimised")
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(
+            target=optimised_step_worker, args=(r, 2, str(tmp / "rendezvous"), str(tmp), OPTIMISED)
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return tmp
+
+
+def plain_single_process(name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reference: one process, global batch, NCHW, for-loop AdamW, no optimisation."""
+    raw = make_model(name, 0, torch.float32)
+    stepper = fast_stepper(raw, raw, "for-loop")  # type: ignore[arg-type]
+    losses = []
+    for step in range(STEPS):
+        images, tokens = make_batch(name, 2 * N, seed=100 + step, dtype=torch.float32)
+        losses.append(stepper.step(images, tokens, lr=1e-3).loss)
+    return torch.tensor(losses), {k: v.detach() for k, v in raw.state_dict().items()}
+
+
+@pytest.mark.usefixtures("torch_single_thread")
+@pytest.mark.parametrize("spec", OPTIMISED, ids=[s["id"] for s in OPTIMISED])
+def test_two_optimised_workers_reproduce_the_plain_one_process_run(
+    optimised_runs: Path, spec: dict[str, str]
+) -> None:
+    """Losses and weights after STEPS steps with every optimisation on == the plain run."""
+    got = load_file(str(optimised_runs / f"{spec['id']}.safetensors"))
+    ref_losses, ref_params = plain_single_process(spec["model"])
+    torch.testing.assert_close(got["losses"], ref_losses, rtol=1e-5, atol=1e-5)
+    init = make_model(spec["model"], 0, torch.float32).state_dict()
+    moved = max(float((ref_params[k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-4  # the steps did something
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(got[f"param.{name}"], ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.usefixtures("torch_single_thread")
+def test_checkpoint_of_a_channels_last_model_round_trips(optimised_runs: Path) -> None:
+    """The NHWC model trained on 2 workers, saved and loaded: same weights, same outputs."""
+    got = load_file(str(optimised_runs / "tiny-rn-fast.safetensors"))
+    loaded = load_checkpoint(optimised_runs / "tiny-rn-fast-ckpt").model
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, got[f"param.{name}"]), name
+    images, tokens = make_batch("tiny-rn", 2 * N, seed=100, dtype=torch.float32)
+    loaded.eval()
+    for channels_last in (False, True):  # loaded as saved (contiguous), then NHWC again
+        loaded.set_channels_last(channels_last)
+        with torch.no_grad():
+            out = loaded(images, tokens)
+        torch.testing.assert_close(out.image_features, got["features.image"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.text_features, got["features.text"], rtol=0, atol=1e-5)
