@@ -211,6 +211,7 @@ def test_open_clip_comparison_trains_the_same_model_on_both_sides(open_clip_whee
     # one step of each from the same weights: the next losses still agree
     assert abs(r.losses_clipops[1] - r.losses_open_clip[1]) < 1e-4 * abs(r.losses_open_clip[1])
     assert r.feature_max_diff <= vs_open_clip.FEATURE_ATOL
+    assert r.grad_rel_diff <= vs_open_clip.GRAD_RTOL
     assert r.update_rel_diff <= vs_open_clip.UPDATE_RTOL
     assert r.forward_gflops_counted_clipops == pytest.approx(r.forward_gflops_analytic, rel=1e-3)
     # open_clip's attention pool computes every token's output (clipops: the pooled one only)
@@ -240,4 +241,24 @@ def test_open_clip_comparison_rejects_a_different_model(
     monkeypatch.setattr(vs_open_clip, "build_open_clip", gelu_model)
     plan = vs_open_clip.Plan(batch=2, steps=1, warmup=0)
     with pytest.raises(RuntimeError, match="tiny-vit features"):
+        vs_open_clip.compare_model(oc, "tiny-vit", plan, adamw="foreach")
+
+
+@pytest.mark.network
+def test_open_clip_comparison_rejects_a_different_optimiser_step(
+    open_clip_wheel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open_clip's AdamW at twice the learning rate: the first-step update check must fail."""
+    oc = vs_open_clip.load_open_clip(open_clip_wheel)
+    original = vs_open_clip.open_clip_optimizer
+
+    def doubled_lr(model: torch.nn.Module) -> torch.optim.AdamW:
+        optimizer = original(model)
+        for group in optimizer.param_groups:
+            group["lr"] *= 2
+        return optimizer
+
+    monkeypatch.setattr(vs_open_clip, "open_clip_optimizer", doubled_lr)
+    plan = vs_open_clip.Plan(batch=2, steps=1, warmup=0)
+    with pytest.raises(RuntimeError, match="tiny-vit first-step update"):
         vs_open_clip.compare_model(oc, "tiny-vit", plan, adamw="foreach")
