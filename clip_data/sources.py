@@ -11,7 +11,7 @@ Kinds (``open_source(uri, kind=...)``; ``kind=None`` detects it, see :func:`dete
 * ``csv`` / ``jsonl``: ``filepath`` + ``caption`` fields (open_clip's convention), the path
   relative to the caption file's folder; ``.tsv`` files are tab-separated.
 * ``webdataset``: img2dataset tar shards (``key.jpg|png|webp`` + ``key.txt`` [+ ``key.json``]),
-  streamed with ``tarfile`` mode ``"r|*"`` and never extracted.
+  read front to back with ``tarfile`` (a forward-only stream) and never extracted.
 * ``parquet``: image bytes (or image paths) and captions in configurable columns.
 * ``synthetic``, ``fashion-mnist``, ``tuxpaint``: built-in demo corpora.
 """
@@ -35,7 +35,7 @@ from clip_data.corpora import (
     read_tuxpaint,
 )
 from clip_data.errors import MissingDatasetError, SourceError
-from clip_data.files import FileBytes, storage_options_for
+from clip_data.files import FileBytes, open_tar, storage_options_for
 from clip_data.files import file_or_loader as _file
 from clip_data.files import find_files as _find
 from clip_data.files import is_read_error as _is_read_error
@@ -306,7 +306,9 @@ def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 def read_tar_stream(
     fileobj: IO[bytes], source: str, *, split: str = "train", shard: str = ""
 ) -> Iterator[RawRecord]:
-    """Samples of one WebDataset tar read as a forward-only stream (``tarfile`` mode ``"r|*"``).
+    """Samples of one WebDataset tar read front to back, never extracted
+    (:func:`~clip_data.files.open_tar`: ``tarfile``'s stream mode ``"r|*"``, or a plain
+    seekable tar read directly).
 
     Members are grouped by key (path up to the first dot of the file name); the files of a
     sample are adjacent, as img2dataset writes them. A member with an absolute path, a ``..``
@@ -315,7 +317,7 @@ def read_tar_stream(
     """
     current: str | None = None
     fields: dict[str, bytes] = {}
-    with tarfile.open(fileobj=fileobj, mode="r|*", bufsize=_TAR_BUFSIZE) as tar:
+    with open_tar(fileobj, _TAR_BUFSIZE) as tar:
         for index, member in enumerate(tar):
             if member.isdir():
                 continue

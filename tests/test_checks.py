@@ -250,3 +250,103 @@ def test_every_reason_code_is_reachable() -> None:
 def test_config_validation(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         CheckConfig(**kwargs)
+
+
+# ------------------------------------------------------ the verifying decode (verify_image)
+
+
+def _jpeg(mode: str, **save: Any) -> bytes:
+    """A 40x24 noise JPEG in ``mode`` (``RGB``, ``L`` or ``CMYK``)."""
+    rng = np.random.default_rng(7)
+    channels = {"RGB": 3, "L": 1, "CMYK": 4}[mode]
+    pixels = rng.integers(0, 256, size=(24, 40, channels), dtype=np.uint8).squeeze()
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def _corrupt(data: bytes, marker: bytes, offset: int, garbage: bytes) -> bytes:
+    """``data`` with ``garbage`` written ``offset`` bytes after the first ``marker``."""
+    start = data.index(marker) + offset
+    return data[:start] + garbage + data[start + len(garbage) :]
+
+
+def _decodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record (decoder, output mode) of every pixel decoder Pillow creates from now on."""
+    calls: list[tuple[str, str]] = []
+    original = Image._getdecoder
+
+    def counting(mode: str, decoder_name: str, args: Any, extra: Any = ()) -> Any:
+        calls.append((decoder_name, args[0] if isinstance(args, tuple) and args else mode))
+        return original(mode, decoder_name, args, extra)
+
+    monkeypatch.setattr(Image, "_getdecoder", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("case", "accepted"),
+    [
+        ("rgb", True),
+        ("grey", True),
+        ("cmyk", True),
+        ("stored_as_rgb", True),  # Adobe RGB-coded: libjpeg cannot output it as YCbCr
+        ("progressive", True),
+        ("truncated", False),
+        ("eoi_in_scan", True),  # libjpeg only warns (premature end): both decodes accept it
+        ("bad_marker_in_scan", False),
+        ("bad_huffman_table", False),
+        ("truncated_png", False),
+    ],
+)
+def test_verify_accepts_and_rejects_like_the_rgb_decode(case: str, accepted: bool) -> None:
+    """verify_image's YCbCr shortcut never changes a verdict, a size or an error message."""
+    from clip_core.transforms import ImageDecodeError, decode_image, verify_image
+
+    rgb = _jpeg("RGB")
+    data = {
+        "rgb": rgb,
+        "grey": _jpeg("L"),
+        "cmyk": _jpeg("CMYK"),
+        "stored_as_rgb": _jpeg("RGB", keep_rgb=True),
+        "progressive": _jpeg("RGB", progressive=True),
+        "truncated": rgb[: len(rgb) * 2 // 3],
+        "eoi_in_scan": _corrupt(rgb, b"\xff\xda", 20, b"\xff\xd9" * 30),
+        "bad_marker_in_scan": _corrupt(rgb, b"\xff\xda", 20, b"\xff\xc5"),
+        "bad_huffman_table": _corrupt(rgb, b"\xff\xc4", 5, b"\xff" * 20),
+        "truncated_png": GOOD_PNG[: len(GOOD_PNG) - 40],
+    }[case]
+    expected: Any
+    try:
+        expected = decode_image(data).size
+    except ImageDecodeError as error:
+        expected = str(error)
+    try:
+        got: Any = verify_image(data)
+    except ImageDecodeError as error:
+        got = str(error)
+    assert got == expected
+    assert isinstance(got, tuple) == accepted
+    result = check_record(_raw(image=data), DEFAULT)
+    assert isinstance(result, CheckedRecord) == accepted
+    if not accepted:
+        assert isinstance(result, Rejection) and result.reason == "decode_error"
+
+
+def test_a_good_jpeg_is_decoded_exactly_once_without_the_colour_transform(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _decodes(monkeypatch)
+    assert isinstance(check_record(_raw(image=GOOD_JPEG), DEFAULT), CheckedRecord)
+    assert calls == [("jpeg", "YCbCr")]
+    calls.clear()
+    assert isinstance(check_record(_raw(image=GOOD_PNG), DEFAULT), CheckedRecord)
+    assert [name for name, _ in calls] == ["zip"]  # other formats: one ordinary decode
+
+
+def test_a_bad_jpeg_is_decoded_again_the_ordinary_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _decodes(monkeypatch)
+    result = check_record(_raw(image=GOOD_JPEG[: len(GOOD_JPEG) // 2]), DEFAULT)
+    assert isinstance(result, Rejection) and result.reason == "decode_error"
+    assert "truncated" in result.detail
+    assert calls == [("jpeg", "YCbCr"), ("jpeg", "RGB")]
