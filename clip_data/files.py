@@ -23,6 +23,7 @@ __all__ = [
     "file_or_loader",
     "find_files",
     "is_read_error",
+    "list_names",
     "open_fs",
     "open_tar",
     "read_optional",
@@ -118,6 +119,15 @@ def find_files(fs: Any, root: str) -> list[str]:
     for folder, _dirs, names in os.walk(root):
         found.extend(posixpath.join(folder, name) for name in names)
     return sorted(found)
+
+
+def list_names(fs: Any, root: str) -> list[str]:
+    """The entries of the folder ``root`` (``os.listdir`` for local files: fsspec's ``ls``
+    normalises every path it returns, which costs more than the listing itself)."""
+    if _is_local(fs):
+        names = os.listdir(root)  # noqa: PTH208 - plain names, no Path object per entry
+        return [posixpath.join(root, name) for name in names]
+    return [str(p) for p in fs.ls(root, detail=False)]
 
 
 def short_error(error: BaseException) -> str:

@@ -35,7 +35,7 @@ from clip_data.corpora import (
     read_tuxpaint,
 )
 from clip_data.errors import MissingDatasetError, SourceError
-from clip_data.files import FileBytes, open_tar, storage_options_for
+from clip_data.files import FileBytes, list_names, open_tar, storage_options_for
 from clip_data.files import file_or_loader as _file
 from clip_data.files import find_files as _find
 from clip_data.files import is_read_error as _is_read_error
@@ -517,7 +517,7 @@ def detect_kind(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     fs, root = _fs(uri, storage_options)
     if not fs.isdir(root):
         raise SourceError(f"no such source, or unknown file type: {uri!r}")
-    entries = [str(p).lower() for p in fs.ls(root, detail=False)]
+    entries = [p.lower() for p in list_names(fs, root)]
     for suffix in (".tar", ".parquet"):
         if any(e.endswith(suffix) for e in entries):
             return _SUFFIX_KINDS[suffix]
