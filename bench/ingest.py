@@ -10,8 +10,10 @@ still against the ordinary RGB decode). Variants alternate over ``--rounds``; th
 best round of each are reported, each against the same statistic of the bare decode (on a
 shared, busy machine the best round is the least disturbed one). The CPU columns count this
 process only (``time.process_time``): for the bare decode and the 1-worker ingests that is all
-the work, so their CPU ratio is the per-core efficiency, independent of other load; with 2
+the work, so their CPU ratio is the per-core efficiency, less disturbed by other load; with 2
 workers it is the parent's share (listing, writing, hashing), the part that does not scale.
+A bare decode also runs right before every variant; ``paired`` is the median over the rounds
+of (CPU of that bare decode / CPU of the variant), which slow drifts in load move least.
 
     .venv/bin/python -m bench.ingest [--rows 2000] [--size 256] [--rounds 2] [--tars 8]
 """
@@ -31,6 +33,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
+
+#: The baseline every ratio is taken against.
+BARE = "bare decode (1 core)"
 
 
 def make_sources(root: Path, rows: int, size: int, tars: int = 8) -> tuple[Path, Path]:
@@ -110,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return go
 
         variants: dict[str, Callable[[], int]] = {
-            "bare decode (1 core)": lambda: bare_decode(folder),
+            BARE: lambda: bare_decode(folder),
             "bare decode to YCbCr (1 core)": lambda: bare_decode(folder, rgb=False),
             "ingest folder, 1 worker": run(folder, 1),
             "ingest folder, 2 workers": run(folder, 2),
@@ -120,30 +125,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(folder, 2)()  # warm-up: starts the forkserver and imports once
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         cpu: dict[str, list[float]] = {name: [] for name in variants}
+        paired: dict[str, list[float]] = {name: [] for name in variants}
+        bare = variants[BARE]
         for _ in range(args.rounds):
             for name, fn in variants.items():
+                # A bare decode right before each variant: its CPU time, paired with the
+                # variant's, gives a ratio that drifting load on a shared machine moves less.
+                _, bare_used, _ = timed(bare)
                 elapsed, used, rows = timed(fn)
                 if rows != args.rows:
                     raise SystemExit(f"{name}: {rows} rows accepted, expected {args.rows}")
                 seconds[name].append(elapsed)
                 cpu[name].append(used)
+                paired[name].append(bare_used / used)
     print(f"WebDataset source: {args.tars} tar shards")
-    _report(args.rows, args.size, args.rounds, seconds, cpu)
+    _report(args.rows, args.size, args.rounds, seconds=seconds, cpu=cpu, paired=paired)
     return 0
 
 
 def _report(
-    rows: int, size: int, rounds: int, seconds: dict[str, list[float]], cpu: dict[str, list[float]]
+    rows: int,
+    size: int,
+    rounds: int,
+    *,
+    seconds: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    paired: dict[str, list[float]],
 ) -> None:
-    """Print wall rates (median and best round) and this process's CPU per row."""
-    bare = "bare decode (1 core)"
+    """Print wall rates (median and best round), this process's CPU per row, and the median
+    of the per-round CPU ratios to the bare decode run just before."""
+    bare = BARE
     base, best_base = rows / statistics.median(seconds[bare]), rows / min(seconds[bare])
     cpu_base = statistics.median(cpu[bare])
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"{rows} JPEGs of {size}x{size}, {rounds} rounds, load after: {load}")
     print(
         f"{'variant':<30} {'median rows/s':>14} {'ratio':>7} {'best rows/s':>12} {'ratio':>7}"
-        f" {'CPU ms/row':>11} {'CPU ratio':>10}"
+        f" {'CPU ms/row':>11} {'CPU ratio':>10} {'paired':>7}"
     )
     for name, values in seconds.items():
         rate, best = rows / statistics.median(values), rows / min(values)
@@ -151,6 +169,7 @@ def _report(
         print(
             f"{name:<30} {rate:>14.0f} {rate / base:>6.2f}x {best:>12.0f} {best / best_base:>6.2f}x"
             f" {1000 * used / rows:>11.3f} {cpu_base / used:>9.2f}x"
+            f" {statistics.median(paired[name]):>6.2f}x"
         )
 
 
