@@ -1,6 +1,8 @@
 """Per-dataset threshold calibration from planted augmented copies.
 
-Two sources of labelled (score, is-duplicate) pairs, in order of preference:
+Two sources of labelled (score, is-duplicate) pairs, in order of preference (the score is
+the detector's cosine, or with verification on the verified score of
+:mod:`clip_overlap.verify`, for positives and negatives alike):
 
 * ``planted-in-shards``: the pretraining shards contain planted near-copies of evaluation
   examples (rows with ``extra.planted_from`` naming the key of the copied row, as the
@@ -34,6 +36,7 @@ from clip_core.overlap_stats import (
     precision_recall_curve,
 )
 from clip_overlap.embed import Embedder, ImageLike, embed_all, to_pil
+from clip_overlap.verify import VerifyConfig, load_pixels, verify_pairs
 
 
 @dataclass(frozen=True)
@@ -68,15 +71,25 @@ def simulated_pairs(
     *,
     copies: int,
     seed: int,
+    verifier: VerifyConfig | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores [P + N] and labels of simulated planting (see the module docstring)."""
+    """Scores [P + N] and labels of simulated planting (see the module docstring).
+
+    With ``verifier`` the positives are verified scores of (original, copy) pairs
+    (:func:`clip_overlap.verify.verify_pairs`), to match ``top1`` being verified scores.
+    """
     from clip_core.synthetic import near_duplicate
 
     n = len(images)
     chosen = np.random.default_rng(seed).permutation(n)[: min(copies, n)]
     made = [near_duplicate(to_pil(images[int(i)]), seed=seed * 1_000_003 + int(i)) for i in chosen]
-    emb = embed_all(embedder, made)  # [P, D]
-    positives = np.einsum("pd,pd->p", emb, queries[chosen])  # [P]
+    if verifier is None:
+        emb = embed_all(embedder, made)  # [P, D]
+        positives = np.einsum("pd,pd->p", emb, queries[chosen])  # [P]
+    else:
+        originals = load_pixels([images[int(i)] for i in chosen], verifier.size)  # [P, 3, S, S]
+        copied = load_pixels(made, verifier.size)  # [P, 3, S, S]
+        positives = verify_pairs(originals, copied, verifier).numpy().astype(np.float64)  # [P]
     negatives = np.asarray(top1, dtype=np.float64)  # [N]
     scores = np.concatenate([positives, negatives])
     labels = np.concatenate([np.ones(len(chosen), bool), np.zeros(n, bool)])

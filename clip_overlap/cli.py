@@ -35,6 +35,14 @@ def add_overlap_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--exact-max", type=int, default=250_000)
     p.add_argument("--split", default="train", help="split of the shards to search")
+    p.add_argument(
+        "--verify",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="re-score each query's top candidates by aligned comparison "
+        "(auto: with --detector only)",
+    )
+    p.add_argument("--verify-k", type=int, default=5, help="candidates verified per query")
     p.add_argument("--threads", type=int, default=None, help="torch/faiss threads")
 
 
@@ -84,6 +92,7 @@ def cmd_overlap(args: argparse.Namespace) -> int:
     """Run the analysis; print one line per dataset; exit 0, or 2 on bad input."""
     from clip_overlap.index import SearchConfig
     from clip_overlap.pipeline import OverlapConfig, run_overlap
+    from clip_overlap.verify import VerifyConfig
 
     _threads(args.threads)
     try:
@@ -91,7 +100,9 @@ def cmd_overlap(args: argparse.Namespace) -> int:
             split=args.split,
             min_precision=args.min_precision,
             threshold=args.threshold,
-            search=SearchConfig(kind=args.index, exact_max=args.exact_max),
+            search=SearchConfig(k=max(5, args.verify_k), kind=args.index, exact_max=args.exact_max),
+            verify=args.verify,
+            verifier=VerifyConfig(k=args.verify_k),
         )
         report = run_overlap(
             args.train,

@@ -5,6 +5,9 @@
 2. One streaming pass over the pretraining shards: the ``train`` rows are embedded batch by
    batch and searched (:mod:`clip_overlap.index`, exact or approximate by size); content
    hashes give exact duplicates; planted copies (``planted_from``) give ground truth.
+   Verification (on by default with the dedicated detector): each query's top-k rows are
+   fetched from the shards (only those rows' row groups) and re-scored by aligned
+   comparison (:mod:`clip_overlap.verify`); the best verified candidate is the match.
 3. Per dataset: threshold calibration (:mod:`clip_overlap.calibrate`), Overlap/Clean split,
    per-example zero-shot correctness (``clip_eval.suite.Runner``), statistics
    (:mod:`clip_core.overlap_stats`), Bonferroni across datasets.
@@ -18,7 +21,7 @@ import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,10 @@ from clip_eval.suite import EvalModel, Runner, Suite, load_model, load_suite
 from clip_overlap.calibrate import Calibration, calibrate, simulated_pairs
 from clip_overlap.embed import ClipEmbedder, DetectorEmbedder, Embedder, ImageLike, embed_all
 from clip_overlap.index import SearchConfig, SearchResult, search_stream
-from clip_overlap.shards import count_rows, iter_batches
+from clip_overlap.shards import count_rows, fetch_rows, iter_batches
+from clip_overlap.verify import VerifyConfig, load_pixels, verify_pairs
+
+VERIFY_MODES = ("auto", "on", "off")
 
 
 class OverlapError(ValueError):
@@ -52,8 +58,12 @@ class OverlapConfig:
     seed: int = 0
     sheet_pairs: int = 24
     listed_unflagged: int = 20
+    verify: str = "auto"
+    verifier: VerifyConfig = field(default_factory=VerifyConfig)
 
     def __post_init__(self) -> None:
+        if self.verify not in VERIFY_MODES:
+            raise OverlapError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
         if not 0.0 < self.min_precision <= 1.0:
             raise OverlapError(f"min_precision must be in (0, 1], got {self.min_precision}")
         if self.batch_size < 1 or self.calibration_copies < 1:
@@ -69,7 +79,15 @@ class OverlapConfig:
         values = dict(raw)
         if "search" in values:
             values["search"] = SearchConfig.from_dict(dict(values["search"]))
+        if "verifier" in values:
+            values["verifier"] = VerifyConfig.from_dict(dict(values["verifier"]))
         return cls(**values)
+
+    def verifies(self, embedder: Embedder) -> bool:
+        """Whether the verification stage runs (``auto``: with the dedicated detector)."""
+        if self.verify == "auto":
+            return isinstance(embedder, DetectorEmbedder)
+        return self.verify == "on"
 
 
 @dataclass
@@ -157,32 +175,60 @@ def _stream(
             yield embedder.embed([batch.images[i] for i in chosen])
 
 
-def _fetch_rows(train: str, split: str, ids: set[int], size: int) -> dict[int, tuple[str, bytes]]:
-    """(key, image bytes) of the given stream ids of ``split`` (a second, image-only pass)."""
-    found: dict[int, tuple[str, bytes]] = {}
-    position = 0
-    for batch in iter_batches(train, split=split, batch_size=size):
-        for i, key in enumerate(batch.keys):
-            if position + i in ids:
-                found[position + i] = (key, batch.images[i])
-        position += len(batch)
-        if len(found) == len(ids):
-            break
-    return found
+def verified_top1(
+    train: str, images: Sequence[ImageLike], result: SearchResult, config: OverlapConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best verified score [Q] and its stream id [Q] among each query's top-k candidates.
+
+    Queries are taken ``queries_per_pass`` at a time: only their candidates' rows are
+    fetched from the shards (:func:`clip_overlap.shards.fetch_rows`), so memory is bounded
+    by the pass, not by the pretraining set.
+    """
+    cfg = config.verifier
+    k = min(cfg.k, result.ids.shape[1])
+    scores = np.full(len(images), -np.inf)  # [Q]
+    best = np.full(len(images), -1, dtype=np.int64)  # [Q]
+    for start in range(0, len(images), cfg.queries_per_pass):
+        ids = result.ids[start : start + cfg.queries_per_pass, :k]  # [B, k]
+        rows = fetch_rows(train, config.split, ids[ids >= 0].tolist())
+        present = np.isin(ids, np.fromiter(rows, dtype=np.int64, count=len(rows)))  # [B, k]
+        pair_q, pair_k = np.nonzero(present)  # [P], [P]
+        if pair_q.size == 0:
+            continue
+        order = sorted(rows)
+        cand_pix = load_pixels([rows[i][1] for i in order], cfg.size)  # [U, 3, S, S]
+        where = {row_id: j for j, row_id in enumerate(order)}
+        query_pix = load_pixels(images[start : start + ids.shape[0]], cfg.size)  # [B, 3, S, S]
+        cand_index = torch.tensor(
+            [where[int(ids[q, j])] for q, j in zip(pair_q, pair_k, strict=True)]
+        )
+        verified = verify_pairs(
+            query_pix[torch.from_numpy(pair_q)], cand_pix[cand_index], cfg
+        ).numpy()  # [P]
+        block = np.full(ids.shape, -np.inf)  # [B, k]
+        block[pair_q, pair_k] = verified
+        top = block.argmax(axis=1)  # [B]
+        rows_b = np.arange(ids.shape[0])
+        scores[start : start + ids.shape[0]] = block[rows_b, top]
+        best[start : start + ids.shape[0]] = np.where(
+            np.isfinite(block[rows_b, top]), ids[rows_b, top], -1
+        )
+    return scores, best
 
 
 def _dataset_result(
     target: _Target,
-    result: SearchResult,
+    top1: tuple[np.ndarray, np.ndarray],
     state: _PassState,
     embedder: Embedder,
     *,
     correct: np.ndarray,
     config: OverlapConfig,
+    verified: bool,
 ) -> tuple[dict[str, Any], Calibration, np.ndarray, np.ndarray, np.ndarray]:
     n = len(target.sha256)
     rows = slice(target.offset, target.offset + n)
-    scores, ids = result.scores[rows, 0].astype(np.float64), result.ids[rows, 0].copy()
+    scores, ids = top1[0][rows].astype(np.float64), top1[1][rows].copy()
     exact = np.array([sha in state.exact for sha in target.sha256], dtype=bool)  # [N]
     for i in np.flatnonzero(exact):
         scores[i], ids[i] = 1.0, state.exact[target.sha256[i]]
@@ -197,6 +243,7 @@ def _dataset_result(
         pair_scores, labels = simulated_pairs(
             embedder, target.dataset.test.images, target.queries, scores,
             copies=config.calibration_copies, seed=config.seed,
+            verifier=config.verifier if verified else None,
         )  # fmt: skip
         cal = calibrate(
             pair_scores, labels, "simulated",
@@ -215,6 +262,7 @@ def _dataset_result(
         "dataset_options": target.dataset.options,
         **stats,
         **cal.to_dict(),
+        "score": "verified" if verified else "cosine",
         "exact_duplicates": int(exact.sum()),
         "ground_truth": ground,
     }
@@ -253,6 +301,11 @@ def run_overlap(
         train, config.split, embedder, wanted=wanted, state=state, size=config.batch_size
     )
     result = search_stream(queries, chunks, n_train, config.search)
+    verified = config.verifies(embedder)
+    top1 = (result.scores[:, 0], result.ids[:, 0])
+    if verified:
+        images = [im for t in targets for im in t.dataset.test.images]
+        top1 = verified_top1(train, images, result, config)
     runner = Runner(evm)
     records: dict[str, dict[str, Any]] = {}
     details: dict[str, tuple[Calibration, np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -260,7 +313,7 @@ def run_overlap(
         for t in targets:
             correct = zero_shot_correct(runner, t)
             record, cal, scores, ids, overlap = _dataset_result(
-                t, result, state, embedder, correct=correct, config=config
+                t, top1, state, embedder, correct=correct, config=config, verified=verified
             )
             records[t.label] = record
             details[t.label] = (cal, scores, ids, overlap)
@@ -275,6 +328,8 @@ def run_overlap(
         "checkpoint_sha256": evm.sha256,
         "embedding": {"kind": embedder.name, "dim": embedder.dim, "detector": str(detector or "")},
         "search": {"kind": result.kind, "k": config.search.k, "n_stored": result.n_stored},
+        "score": "verified" if verified else "cosine",
+        "verify": config.verifier.to_dict() if verified else None,
         "min_precision": config.min_precision,
         "datasets": records,
         "summary": _summary(records),
@@ -283,7 +338,7 @@ def run_overlap(
         from clip_overlap.report import write_outputs
 
         needed = _needed_ids(details, config)
-        rows = _fetch_rows(train, config.split, needed, config.batch_size)
+        rows = fetch_rows(train, config.split, needed)
         write_outputs(Path(out_dir), report, targets, details, rows=rows, config=config)
     report["seconds"] = round(time.perf_counter() - started, 2)
     if out_dir is not None:

@@ -8,7 +8,7 @@ Parquet batch at a time, so memory stays bounded whatever the size of the pretra
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,3 +82,45 @@ def iter_batches(
                     splits=[columns["split"][i] for i in keep],
                     planted_from=[_planted(columns, i) for i in keep],
                 )
+
+
+def fetch_rows(shards: str, split: str, ids: Iterable[int]) -> dict[int, tuple[str, bytes]]:
+    """(key, image bytes) of the rows at 0-based positions ``ids`` among the ``split`` rows
+    (the ids of :func:`iter_batches` order, as the overlap search numbers them).
+
+    Reads only the ``split`` column of each shard up to the last wanted row, and of the
+    shards holding a wanted row only the row groups that hold it (key and image columns):
+    memory is one row group, whatever the size of the pretraining set.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    wanted = np.unique(np.fromiter((int(i) for i in ids), dtype=np.int64))
+    wanted = wanted[wanted >= 0]
+    found: dict[int, tuple[str, bytes]] = {}
+    offset = 0
+    manifest = read_manifest_any(shards)
+    for url in shard_urls(shards, manifest):
+        if found.keys() >= set(wanted.tolist()):
+            break
+        with fsspec.open(url, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            splits = np.asarray(
+                pf.read(columns=["split"]).column("split").to_pylist(), dtype=object
+            )
+            positions = np.flatnonzero(splits == split)  # file rows of the split's rows
+            here = wanted[(wanted >= offset) & (wanted < offset + positions.size)]
+            file_rows = positions[here - offset]
+            group_ends = np.cumsum(
+                [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            )
+            groups = np.searchsorted(group_ends, file_rows, side="right")
+            for g in np.unique(groups):
+                table = pf.read_row_group(int(g), columns=["key", "image"])
+                first = int(group_ends[g] - table.num_rows)
+                for row_id, file_row in zip(here[groups == g], file_rows[groups == g], strict=True):
+                    local = int(file_row) - first
+                    key = table.column("key")[local].as_py()
+                    found[int(row_id)] = (str(key), table.column("image")[local].as_py())
+            offset += positions.size
+    return found
