@@ -75,7 +75,7 @@ class VerifyConfig:
     max_zoom: float = 1.02
     max_shear: float = 0.15
     max_shift: float = 0.2
-    pool: int = 3
+    pool: int = 5
     quantile: float = 0.99
     coarse: int = 16
     batch: int = 512
