@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_core.loss as loss_mod
-from bench.train_step import machine_info
+from bench.common import machine_info
 
 LOGIT_SCALE = 1 / 0.07
 

@@ -65,11 +65,12 @@ from typing import Any
 
 import torch
 
+from bench.common import check_args, load_average, machine_info, machine_line
 from bench.cpu_speed import CPU_PLANS, CpuModelResult, bench_cpu_model, format_cpu_table
 from bench.flops import peak_flops, train_flops_per_pair
-from bench.train_step import machine_info, make_inputs
+from bench.train_step import make_inputs
 from clip_core.model import CLIP
-from clip_core.registry import create_model, get_model_config
+from clip_core.registry import create_model
 from clip_core.resnet import ModifiedResNet
 from clip_train.config import OptimSection, PrecisionSection
 from clip_train.optim import build_optimizer
@@ -361,15 +362,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-pairs-per-s", type=float, help="data: GPU figure for cores/GPU")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
     args = p.parse_args(argv)
-    for opt in ("batch", "steps", "threads"):
-        value = getattr(args, opt)
-        if value is not None and value < 1:
-            p.error(f"--{opt} must be at least 1")
-    for name in [*args.models, *args.compile_models, *args.open_clip_models]:
-        try:
-            get_model_config(name)
-        except KeyError as exc:
-            p.error(str(exc))
+    check_args(p, args, models=[*args.models, *args.compile_models, *args.open_clip_models])
     return args
 
 
@@ -379,12 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     info = machine_info()
-    load = Path("/proc/loadavg").read_text().split()[:3]
-    print(
-        f"torch {info['torch']} | threads {info['threads']} | CPU {info['cpu']} "
-        f"({info['logical_cpus']} logical) | {info['date']} | load {' '.join(load)}",
-        flush=True,
-    )
+    load = load_average()
+    print(machine_line(info, load), flush=True)
     started = time.perf_counter()
     payload: dict[str, Any] = {"machine": info, "load_start": load}
     gpu: list[GpuResult] = []
@@ -434,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(pairs))
         payload["open_clip"] = [asdict(r) for r in pairs]
     elapsed = time.perf_counter() - started
-    load_end = Path("/proc/loadavg").read_text().split()[:3]
+    load_end = load_average()
     print(f"\ntotal {elapsed:.1f} s | load {' '.join(load_end)}")
     if args.json is not None:
         payload.update(elapsed_s=round(elapsed, 2), load_end=load_end)

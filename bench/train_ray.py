@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.train_step import machine_info
+from bench.common import load_average, machine_info
 
 DEFAULT_SOURCE = "synthetic:train=8192,test=64,seed=0,image_size=64"  # one 64-step epoch
 PLAIN_KINDS = ("plain-decoded", "plain-inline")
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_shards(args.shards, args.source)
     info = machine_info()
     print(f"torch {info['torch']} | CPU {info['cpu']} ({info['logical_cpus']} logical) | ", end="")
-    print(f"{info['date']} | load {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
+    print(f"{info['date']} | load {load_average()}", flush=True)
     started = time.perf_counter()
     plain = PlainLoop(args, args.workdir)
     results: dict[str, list[Measurement]] = {v: [] for v in args.variants}
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if name != "ray":
                 base = statistics.median(m.wall_pairs_per_s for m in runs)
                 print(f"Ray throughput / {name}: {ray_rate / base:.2f}x")
-    print(f"total {elapsed:.1f} s | load {Path('/proc/loadavg').read_text().split()[:3]}")
+    print(f"total {elapsed:.1f} s | load {load_average()}")
     if args.json is not None:
         payload = {
             "machine": info,

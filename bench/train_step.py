@@ -24,24 +24,22 @@ import argparse
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import check_args, machine_info, machine_line
 from clip_core.loss import ClipLoss
 from clip_core.model import CLIP, count_parameters
-from clip_core.registry import create_model, get_model_config
+from clip_core.registry import create_model
 from clip_core.transformer import SelfAttention
 
 
@@ -212,38 +210,6 @@ def bench_model(name: str, plan: RunPlan, seed: int) -> ModelResult:
     )
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, or what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    """Environment the numbers were measured in."""
-    return {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
-        "logical_cpus": _logical_cpus(),
-        "python": platform.python_version(),
-        "dtype": "float32",
-        "device": "cpu",
-    }
-
-
-def _logical_cpus() -> int:
-    """CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 0
-
-
 def _rate(pairs_per_s: float) -> str:
     """Throughput with about three significant digits, never in exponent notation."""
     return f"{pairs_per_s:.{2 if pairs_per_s < 10 else 1 if pairs_per_s < 100 else 0}f}"
@@ -287,17 +253,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
     args = p.parse_args(argv)
-    for opt in ("batch", "steps", "threads"):
-        value = getattr(args, opt)
-        if value is not None and value < 1:
-            p.error(f"--{opt} must be at least 1")
+    check_args(p, args, models=args.models)
     if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be non-negative")
-    for name in args.models:
-        try:
-            get_model_config(name)
-        except KeyError as exc:
-            p.error(str(exc))
     return args
 
 
@@ -307,11 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     info = machine_info()
-    print(
-        f"torch {info['torch']} | threads {info['threads']} | CPU {info['cpu']} "
-        f"({info['logical_cpus']} logical) | {info['date']}",
-        flush=True,
-    )
+    print(machine_line(info), flush=True)
     started = time.perf_counter()
     results: list[ModelResult] = []
     for name in args.models:
