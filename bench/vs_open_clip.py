@@ -75,9 +75,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.common import check_args, load_average, machine_info, machine_line
 from bench.cpu_speed import fused_adamw_available
 from bench.flops import forward_flops
-from bench.train_step import machine_info, make_inputs
+from bench.train_step import make_inputs
 from clip_core.config import ModelConfig, ResNetConfig, ViTConfig
 from clip_core.model import CLIP, count_parameters
 from clip_core.registry import create_model, get_model_config
@@ -209,6 +210,12 @@ def open_clip_config(oc: OpenClip, cfg: ModelConfig) -> tuple[dict[str, Any], st
         if member in wheel.namelist():
             own: dict[str, Any] = json.loads(wheel.read(member))
             return own, "open_clip"
+    return translate_config(cfg), "translated"
+
+
+def translate_config(cfg: ModelConfig) -> dict[str, Any]:
+    """``cfg`` in open_clip's model_configs JSON form; ``ValueError`` unless its heads are
+    64 wide (open_clip's configs imply that width)."""
     vision: dict[str, Any]
     if isinstance(cfg.vision, ViTConfig):
         if cfg.vision.width // cfg.vision.heads != 64:
@@ -238,16 +245,17 @@ def open_clip_config(oc: OpenClip, cfg: ModelConfig) -> tuple[dict[str, Any], st
         "layers": t.layers,
         "mlp_ratio": t.mlp_ratio,
     }
-    return {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text}, "translated"
+    return {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text}
 
 
-def build_open_clip(oc: OpenClip, config: dict[str, Any]) -> nn.Module:
-    """open_clip's ``CLIP`` with OpenAI's QuickGELU, returning a dict (as its trainer sets)."""
+def build_open_clip(oc: OpenClip, config: dict[str, Any], quick_gelu: bool = True) -> nn.Module:
+    """open_clip's ``CLIP`` with OpenAI's QuickGELU (unless ``quick_gelu`` is False),
+    returning a dict (as its trainer sets)."""
     model: nn.Module = oc.model.CLIP(
         config["embed_dim"],
         vision_cfg=oc.model.CLIPVisionCfg(**config["vision_cfg"]),
         text_cfg=oc.model.CLIPTextCfg(**config["text_cfg"]),
-        quick_gelu=True,
+        quick_gelu=quick_gelu,
         output_dict=True,
     )
     return model
@@ -492,15 +500,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wheel", type=Path, help=f"open_clip_torch wheel (default: {WHEEL_CACHE})")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
     args = p.parse_args(argv)
-    for opt in ("batch", "steps", "threads"):
-        value = getattr(args, opt)
-        if value is not None and value < 1:
-            p.error(f"--{opt} must be at least 1")
-    for name in args.models:
-        try:
-            get_model_config(name)
-        except KeyError as exc:
-            p.error(str(exc))
+    check_args(p, args, models=args.models)
     return args
 
 
@@ -509,12 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine_info()
-    load = Path("/proc/loadavg").read_text().split()[:3]
-    print(
-        f"torch {info['torch']} | threads {info['threads']} | CPU {info['cpu']} "
-        f"({info['logical_cpus']} logical) | {info['date']} | load {' '.join(load)}",
-        flush=True,
-    )
+    load = load_average()
+    print(machine_line(info, load), flush=True)
     started = time.perf_counter()
     try:
         results = run_comparison(args.models, batch=args.batch, steps=args.steps, wheel=args.wheel)
@@ -522,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - started
-    load_end = Path("/proc/loadavg").read_text().split()[:3]
+    load_end = load_average()
     print()
     print(format_table(results))
     print(f"\ntotal {elapsed:.1f} s | load {' '.join(load_end)}")

@@ -9,12 +9,12 @@ a variant that computes a different loss.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -228,16 +228,7 @@ def test_open_clip_comparison_rejects_a_different_model(
     """Same parameter names and shapes but GELU instead of QuickGELU: the check must fail."""
     oc = vs_open_clip.load_open_clip(open_clip_wheel)
 
-    def gelu_model(oc: vs_open_clip.OpenClip, config: dict[str, Any]) -> torch.nn.Module:
-        model: torch.nn.Module = oc.model.CLIP(
-            config["embed_dim"],
-            vision_cfg=oc.model.CLIPVisionCfg(**config["vision_cfg"]),
-            text_cfg=oc.model.CLIPTextCfg(**config["text_cfg"]),
-            quick_gelu=False,
-            output_dict=True,
-        )
-        return model
-
+    gelu_model = functools.partial(vs_open_clip.build_open_clip, quick_gelu=False)
     monkeypatch.setattr(vs_open_clip, "build_open_clip", gelu_model)
     plan = vs_open_clip.Plan(batch=2, steps=1, warmup=0)
     with pytest.raises(RuntimeError, match="tiny-vit features"):

@@ -25,7 +25,8 @@ from model_names import PAPER_MODELS, TINY_MODELS
 from safetensors.torch import save_file
 from torch import nn
 
-from clip_core.config import ModelConfig, ResNetConfig, ViTConfig
+from bench.vs_open_clip import translate_config
+from clip_core.config import ModelConfig
 from clip_core.model import CLIP
 from clip_core.openai import (
     CheckpointFormatError,
@@ -453,38 +454,6 @@ print(json.dumps(result))
 """
 
 
-def open_clip_config(cfg: ModelConfig) -> dict[str, Any]:
-    """Our config in open_clip's model_configs JSON form (head width 64 is implied there)."""
-    vision: dict[str, Any]
-    if isinstance(cfg.vision, ViTConfig):
-        assert cfg.vision.width // cfg.vision.heads == 64
-        vision = {
-            "image_size": cfg.vision.image_size,
-            "patch_size": cfg.vision.patch_size,
-            "width": cfg.vision.width,
-            "layers": cfg.vision.layers,
-            "mlp_ratio": cfg.vision.mlp_ratio,
-        }
-    else:
-        assert isinstance(cfg.vision, ResNetConfig)
-        assert cfg.vision.width * 32 // cfg.vision.heads == 64
-        vision = {
-            "image_size": cfg.vision.image_size,
-            "width": cfg.vision.width,
-            "layers": list(cfg.vision.layers),
-        }
-    t = cfg.text
-    text = {
-        "context_length": t.context_length,
-        "vocab_size": t.vocab_size,
-        "width": t.width,
-        "heads": t.heads,
-        "layers": t.layers,
-        "mlp_ratio": t.mlp_ratio,
-    }
-    return {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text}
-
-
 @pytest.fixture(scope="module")
 def open_clip_oracle(
     open_clip_wheel: Path, tiny_models: dict[str, CLIP], tmp_path_factory: pytest.TempPathFactory
@@ -495,7 +464,7 @@ def open_clip_oracle(
     for name, model in tiny_models.items():
         images, tokens = make_inputs(model, batch=4, seed=5)
         tiny[name] = {
-            "config": json.dumps(open_clip_config(model.config)),
+            "config": json.dumps(translate_config(model.config)),
             "state": clone_state(model),
             "images": images,
             "tokens": tokens,
