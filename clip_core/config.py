@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,17 @@ def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
     if missing:
         raise ConfigError(f"{where}: missing required keys {missing}")
     return cls(**data)
+
+
+def reject_unknown_keys(
+    cls: type[Any], data: Mapping[str, Any], what: str, error: type[Exception] = ValueError
+) -> None:
+    """Raise ``error("unknown WHAT(s) [...]; allowed [...]")`` when ``data`` has keys that are
+    not fields of the dataclass ``cls`` (the ``from_dict`` check of option dataclasses)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise error(f"unknown {what}(s) {unknown}; allowed {sorted(names)}")
 
 
 def _check_keys(cls: type[Any], data: dict[str, Any], where: str) -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 from torch import nn
 
+from clip_core.config import reject_unknown_keys
 from clip_core.transforms import OPENAI_MEAN, OPENAI_STD
 
 __all__ = [
@@ -70,10 +71,7 @@ class DetectorConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DetectorConfig:
         """Build from a dict; unknown keys are errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"unknown detector config key(s) {unknown}; allowed {sorted(names)}")
+        reject_unknown_keys(cls, raw, "detector config key")
         return cls(**raw)
 
     def to_dict(self) -> dict[str, Any]:

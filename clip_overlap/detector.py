@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clip_core.config import reject_unknown_keys
 from clip_core.dedup import DetectorConfig, DuplicateDetector, augment_batch, normalise_pixels
 from clip_core.loss import contrastive_loss
 from clip_core.transforms import decode_image
@@ -81,10 +82,7 @@ class DetectorTrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DetectorTrainConfig:
         """Build from a dict (``model`` a nested dict); unknown keys are errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise DetectorError(f"unknown detector train key(s) {unknown}; allowed {sorted(names)}")
+        reject_unknown_keys(cls, raw, "detector train key", DetectorError)
         values = dict(raw)
         if "model" in values:
             values["model"] = DetectorConfig.from_dict(dict(values["model"]))

@@ -18,13 +18,14 @@ in the stream (0-based).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from clip_core.config import reject_unknown_keys
 
 KINDS = ("auto", "exact", "ivf", "hnsw")
 
@@ -52,10 +53,7 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SearchConfig:
         """Build from a dict; unknown keys are errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"unknown search option(s) {unknown}; allowed {sorted(names)}")
+        reject_unknown_keys(cls, raw, "search option")
         return cls(**raw)
 
     def resolve(self, n_stored: int) -> str:

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clip_core.config import reject_unknown_keys
 from clip_core.overlap_stats import bonferroni, overlap_statistics, precision_recall_at
 from clip_eval.datasets import EvalDataset, load_dataset
 from clip_eval.suite import EvalModel, Runner, Suite, load_model, load_suite
@@ -72,10 +72,7 @@ class OverlapConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> OverlapConfig:
         """Build from a dict (``search`` nested); unknown keys are errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise OverlapError(f"unknown overlap option(s) {unknown}; allowed {sorted(names)}")
+        reject_unknown_keys(cls, raw, "overlap option", OverlapError)
         values = dict(raw)
         if "search" in values:
             values["search"] = SearchConfig.from_dict(dict(values["search"]))

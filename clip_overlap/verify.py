@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clip_core.config import reject_unknown_keys
 from clip_overlap.embed import ImageLike, to_pil
 
 __all__ = [
@@ -102,10 +103,7 @@ class VerifyConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VerifyConfig:
         """Build from a dict; unknown keys are errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"unknown verify option(s) {unknown}; allowed {sorted(names)}")
+        reject_unknown_keys(cls, raw, "verify option")
         values = dict(raw)
         if "starts" in values:
             values["starts"] = tuple(values["starts"])
