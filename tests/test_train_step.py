@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,19 +33,20 @@ def single_process(accum: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return torch.tensor(losses), {k: v.detach() for k, v in raw.state_dict().items()}
 
 
-def run_distributed(tmp: Path, accum: int) -> dict[str, torch.Tensor]:
-    """2 spawned gloo processes, each with N rows per step."""
+def spawn_two(target: Callable[..., None], *args: object) -> None:
+    """Run ``target(rank, 2, *args)`` in 2 spawned processes; both must exit 0."""
     ctx = mp.get_context("spawn")
-    init_file = tmp / f"rendezvous-{accum}"
-    procs = [
-        ctx.Process(target=step_worker, args=(r, 2, str(init_file), str(tmp), (N, STEPS, accum)))
-        for r in range(2)
-    ]
+    procs = [ctx.Process(target=target, args=(r, 2, *args)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def run_distributed(tmp: Path, accum: int) -> dict[str, torch.Tensor]:
+    """2 spawned gloo processes, each with N rows per step."""
+    spawn_two(step_worker, str(tmp / f"rendezvous-{accum}"), str(tmp), (N, STEPS, accum))
     return load_file(str(tmp / f"dist-accum{accum}.safetensors"))
 
 
@@ -210,18 +212,7 @@ OPTIMISED = [
 def optimised_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both OPTIMISED specs in 2 spawned gloo processes (one start-up for both)."""
     tmp = tmp_path_factory.mktemp("optimised")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(
-            target=optimised_step_worker, args=(r, 2, str(tmp / "rendezvous"), str(tmp), OPTIMISED)
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_two(optimised_step_worker, str(tmp / "rendezvous"), str(tmp), OPTIMISED)
     return tmp
 
 
