@@ -271,13 +271,15 @@ def _corrupt(data: bytes, marker: bytes, offset: int, garbage: bytes) -> bytes:
     return data[:start] + garbage + data[start + len(garbage) :]
 
 
-def _decodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Record (decoder, output mode) of every pixel decoder Pillow creates from now on."""
-    calls: list[tuple[str, str]] = []
+def _decodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
+    """Record (decoder, output mode, JPEG DCT scale) of every pixel decoder Pillow creates."""
+    calls: list[tuple[str, str, int]] = []
     original = Image._getdecoder
 
     def counting(mode: str, decoder_name: str, args: Any, extra: Any = ()) -> Any:
-        calls.append((decoder_name, args[0] if isinstance(args, tuple) and args else mode))
+        output = args[0] if isinstance(args, tuple) and args else mode
+        scale = int(extra[0]) if decoder_name == "jpeg" and extra else 1
+        calls.append((decoder_name, output, scale))
         return original(mode, decoder_name, args, extra)
 
     monkeypatch.setattr(Image, "_getdecoder", counting)
@@ -300,7 +302,7 @@ def _decodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     ],
 )
 def test_verify_accepts_and_rejects_like_the_rgb_decode(case: str, accepted: bool) -> None:
-    """verify_image's YCbCr shortcut never changes a verdict, a size or an error message."""
+    """verify_image's reduced JPEG decode never changes a verdict, a size or an error message."""
     from clip_core.transforms import ImageDecodeError, decode_image, verify_image
 
     rgb = _jpeg("RGB")
@@ -333,15 +335,19 @@ def test_verify_accepts_and_rejects_like_the_rgb_decode(case: str, accepted: boo
         assert isinstance(result, Rejection) and result.reason == "decode_error"
 
 
-def test_a_good_jpeg_is_decoded_exactly_once_without_the_colour_transform(
+def test_a_good_jpeg_is_decoded_exactly_once_at_reduced_scale(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = _decodes(monkeypatch)
     assert isinstance(check_record(_raw(image=GOOD_JPEG), DEFAULT), CheckedRecord)
-    assert calls == [("jpeg", "YCbCr")]
+    assert calls == [("jpeg", "YCbCr", 8)]  # every coefficient, pixels at 1/8 scale
+    calls.clear()
+    result = check_record(_raw(image=_jpeg("L")), DEFAULT)
+    assert isinstance(result, CheckedRecord) and (result.width, result.height) == (40, 24)
+    assert calls == [("jpeg", "L", 8)]
     calls.clear()
     assert isinstance(check_record(_raw(image=GOOD_PNG), DEFAULT), CheckedRecord)
-    assert [name for name, _ in calls] == ["zip"]  # other formats: one ordinary decode
+    assert [name for name, _, _ in calls] == ["zip"]  # other formats: one ordinary decode
 
 
 def test_a_bad_jpeg_is_decoded_again_the_ordinary_way(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -349,4 +355,68 @@ def test_a_bad_jpeg_is_decoded_again_the_ordinary_way(monkeypatch: pytest.Monkey
     result = check_record(_raw(image=GOOD_JPEG[: len(GOOD_JPEG) // 2]), DEFAULT)
     assert isinstance(result, Rejection) and result.reason == "decode_error"
     assert "truncated" in result.detail
-    assert calls == [("jpeg", "YCbCr"), ("jpeg", "RGB")]
+    assert calls == [("jpeg", "YCbCr", 8), ("jpeg", "RGB", 1)]
+
+
+def _damaged(data: bytes, rng: np.random.Generator) -> bytes:
+    """``data`` with one random kind of damage inside its entropy-coded data (after SOS)."""
+    out = bytearray(data)
+    start = out.index(b"\xff\xda") + 2
+    at = int(rng.integers(start, len(out) - 2))
+    span = int(rng.integers(1, 300))
+    kind = int(rng.integers(6))
+    if kind == 0:  # a few flipped bits
+        for p in rng.integers(start, len(out) - 2, size=int(rng.integers(1, 4))):
+            out[int(p)] ^= 1 << int(rng.integers(8))
+    elif kind == 1:  # one byte replaced
+        out[at] = int(rng.integers(256))
+    elif kind == 2:  # a run of zeros
+        out[at : at + 64] = bytes(len(out[at : at + 64]))
+    elif kind == 3:  # bytes cut out
+        del out[at : at + span]
+    elif kind == 4:  # truncated
+        del out[at:]
+    else:  # bytes repeated
+        out[at:at] = out[at : at + span]
+    return bytes(out)
+
+
+def test_reduced_decode_gives_the_ordinary_verdict_on_damaged_jpegs() -> None:
+    """1,200 JPEGs damaged in their scans (baseline, progressive, grey, restart markers,
+    every chroma subsampling): verify_image accepts exactly those decode_image accepts, with
+    the same size, and otherwise raises the same message."""
+    from clip_core.transforms import ImageDecodeError, decode_image, verify_image
+
+    rng = np.random.default_rng(2026)
+    originals = []
+    for i in range(24):
+        size = (int(rng.integers(8, 120)), int(rng.integers(8, 120)))
+        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize(size)
+        if i % 4 == 3:
+            image = image.convert("L")
+        buf = io.BytesIO()
+        image.save(
+            buf,
+            format="JPEG",
+            quality=int(rng.choice([50, 75, 90, 95])),
+            progressive=bool(i % 2),
+            subsampling=int(rng.integers(3)),
+            restart_marker_blocks=4 if i % 5 == 0 else 0,
+        )
+        originals.append(buf.getvalue())
+    verdicts = {True: 0, False: 0}
+    for n in range(1200):
+        data = _damaged(originals[n % len(originals)], rng)
+        expected: Any
+        try:
+            expected = decode_image(data).size
+        except ImageDecodeError as error:
+            expected = str(error)
+        try:
+            got: Any = verify_image(data)
+        except ImageDecodeError as error:
+            got = str(error)
+        assert got == expected, (n, got, expected)
+        verdicts[isinstance(got, tuple)] += 1
+    assert min(verdicts.values()) > 200, verdicts  # both verdicts well represented
