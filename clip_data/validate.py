@@ -169,8 +169,10 @@ class ValidationConfig:
         else:
             import yaml
 
+            from clip_core.yamlio import load_yaml
+
             try:
-                data = yaml.safe_load(text)
+                data = load_yaml(text)
             except yaml.YAMLError as exc:
                 raise ValueError(f"{p}: invalid YAML: {exc}") from exc
             if data is None:

@@ -36,6 +36,7 @@ import yaml
 
 from clip_core.model import CLIP
 from clip_core.tokenizer import ClipTokenizer
+from clip_core.yamlio import load_yaml
 from clip_core.zeroshot import DEFAULT_TEMPLATE, ClassifierCache, classification_metrics
 from clip_eval.datasets import EvalDataset, Split, load_dataset, split_for_probe
 
@@ -122,7 +123,7 @@ def load_suite(path: str | os.PathLike[str]) -> Suite:
     """Read a suite YAML file (``"default"`` names the bundled default suite)."""
     p = DEFAULT_SUITE if str(path) == "default" else Path(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = load_yaml(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SuiteError(f"cannot read suite {p}: {exc}") from exc
     except yaml.YAMLError as exc:

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from clip_core.yamlio import load_yaml
+
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 METRIC_TAG = "clipops.metric."
@@ -85,11 +87,11 @@ class PromotionRule:
         for spec in specs:
             key, eq, value = spec.partition("=")
             if eq and "/" not in key and key.strip():
-                data[key.strip()] = yaml.safe_load(value)
+                data[key.strip()] = load_yaml(value)
                 continue
             path = Path(spec)
             try:
-                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+                loaded = load_yaml(path.read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError) as exc:
                 raise RuleError(
                     f"--rule {spec}: not KEY=VALUE nor a readable YAML file ({exc})"

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from clip_core.yamlio import load_yaml
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs")  # torch.compile backends offered
@@ -261,7 +263,7 @@ def list_recipes() -> list[str]:
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    return load_yaml(text) if text != "" else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -293,7 +295,7 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()) -> RunConf
             f"no run config {name_or_path!r}: not a file and not a recipe ({list_recipes()})"
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise RunConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

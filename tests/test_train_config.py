@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from clip_core.registry import list_models
-from clip_train.config import RunConfig, RunConfigError, list_recipes, load_run_config
+from clip_train.config import (
+    RECIPE_DIR,
+    RunConfig,
+    RunConfigError,
+    list_recipes,
+    load_run_config,
+)
 
 PRODUCTION = ("rn50", "vit-b32", "vit-b16", "vit-l14")
 
@@ -109,3 +117,14 @@ def test_speed_flags_are_checked_and_reach_the_model_and_optimiser() -> None:
     assert opt.defaults["fused"] and not opt.defaults["foreach"]
     with pytest.raises(ValueError, match="ResNet"):
         create_model("tiny-vit").set_channels_last(True)
+
+
+def test_exponent_numbers_are_floats_in_overrides_and_files(tmp_path: Path) -> None:
+    """``1e-3`` is a number (YAML 1.2, as DVC writes params), not PyYAML 1.1's string."""
+    cfg = load_run_config("tiny", ["optim.lr=1e-3", "optim.weight_decay=2E-1"])
+    assert cfg.optim.lr == 0.001 and cfg.optim.weight_decay == 0.2
+    recipe = tmp_path / "run.yaml"
+    text = (RECIPE_DIR / "tiny.yaml").read_text(encoding="utf-8")
+    recipe.write_text(text.replace("lr: 5.0e-4", "lr: 3e-4"), encoding="utf-8")
+    assert load_run_config(str(recipe)).optim.lr == 0.0003
+    assert load_run_config("tiny", ["infra.run_name=1e3x"]).infra.run_name == "1e3x"
