@@ -27,7 +27,7 @@ import pytest
 # order and relative size matter. Files not listed are short and scheduled afterwards.
 LONG_FILES = {
     "tests/test_train_ray.py": 480,
-    "tests/test_dvc_pipeline.py": 466,
+    "tests/test_dvc_pipeline.py": 340,
     "tests/test_flows_e2e.py": 315,
     "tests/test_prod_stack.py": 360,
 }
