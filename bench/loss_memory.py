@@ -82,7 +82,7 @@ def simulated_rank(rank: int, world: int, others: torch.Tensor) -> Iterator[None
 
     ``others`` [W-1, 2, n, D] are the other ranks' image (index 0) and text (index 1)
     features; the simulated all-gather places this rank's block (which keeps its gradient) at
-    position ``rank``, exactly as ``all_gather_into_tensor`` orders the blocks.
+    position ``rank``, exactly as ``all_gather_single`` orders the blocks.
     """
     original_rw, original_gather = loss_mod.rank_and_world, loss_mod.all_gather_with_grad
     calls = itertools.count()

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 def _sum_own_slice_nccl(grad: torch.Tensor, world: int, group: Any) -> torch.Tensor:
     out = torch.empty(grad.shape[0] // world, *grad.shape[1:], dtype=grad.dtype, device=grad.device)
-    dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    dist.reduce_scatter_single(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
     return out
 
 
@@ -37,7 +37,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         world = dist.get_world_size(group)
         ctx.group, ctx.world = group, world
         out = torch.empty(world * x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        dist.all_gather_single(out, x.contiguous(), group=group)
         return out  # [W*n, D]
 
     @staticmethod
