@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import os
-import posixpath
 import tarfile
 from dataclasses import dataclass
 from typing import IO, Any, Self
@@ -117,8 +116,14 @@ def find_files(fs: Any, root: str) -> list[str]:
         return sorted(str(p) for p in fs.find(root))
     found: list[str] = []
     for folder, _dirs, names in os.walk(root):
-        found.extend(posixpath.join(folder, name) for name in names)
+        prefix = _dir_prefix(folder)
+        found.extend([prefix + name for name in names])  # = posixpath.join, for plain names
     return sorted(found)
+
+
+def _dir_prefix(folder: str) -> str:
+    """``folder`` with exactly one trailing ``/`` (a folder name to prefix entry names with)."""
+    return folder if folder.endswith("/") else folder + "/"
 
 
 def list_names(fs: Any, root: str) -> list[str]:
@@ -126,7 +131,8 @@ def list_names(fs: Any, root: str) -> list[str]:
     normalises every path it returns, which costs more than the listing itself)."""
     if _is_local(fs):
         names = os.listdir(root)  # noqa: PTH208 - plain names, no Path object per entry
-        return [posixpath.join(root, name) for name in names]
+        prefix = _dir_prefix(root)
+        return [prefix + name for name in names]
     return [str(p) for p in fs.ls(root, detail=False)]
 
 

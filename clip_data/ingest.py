@@ -473,6 +473,17 @@ def _describe_options(options: dict[str, Any]) -> dict[str, Any]:
     return described
 
 
+def _detected_kind(source: str, options: dict[str, Any]) -> str | None:
+    """The source's kind, detected once (a large folder is listed for it); ``None`` when
+    detection fails: :func:`~clip_data.sources.open_source` then reports the error."""
+    from clip_data.sources import detect_kind
+
+    try:
+        return detect_kind(source, options.get("storage_options"))
+    except Exception:  # reported (a SourceError) by open_source, which detects it again
+        return None
+
+
 def ingest(
     source: str,
     dest: str | os.PathLike[str],
@@ -499,12 +510,13 @@ def ingest(
     output = _Output(desc, progress, dest_storage_options)
     if not isinstance(config, IngestConfig):
         raise TypeError(f"config must be an IngestConfig, got {type(config).__name__}")
+    from clip_data.sources import open_source
+
+    kind = kind if kind is not None else _detected_kind(source, source_options)
     plan = plan_tars(source, kind, config.workers, source_options)
     if plan is not None:  # several tar shards: each worker streams whole shards itself
         tars = _TarStream(plan, config)
         return _ingest_checked(tars.results, lambda: tars.read, dest, config, output)
-
-    from clip_data.sources import open_source
 
     # Image files are read where they are checked (in the workers), not in this process.
     records = open_source(source, kind, lazy_images=True, **source_options)

@@ -69,12 +69,19 @@ _TAR_BUFSIZE = 1 << 16
 
 
 def _join(base: str, relative: str) -> str:
-    return relative if relative.startswith("/") else posixpath.join(base, relative)
+    if relative.startswith("/"):
+        return relative
+    if not base or base.endswith("/"):
+        return base + relative
+    return f"{base}/{relative}"  # = posixpath.join(base, relative), without its checks
 
 
 def _stem_key(relative: str) -> str:
     """The key of a file: its relative path, normalised, without the extension."""
-    return posixpath.splitext(posixpath.normpath(relative.replace("\\", "/")))[0]
+    path = relative.replace("\\", "/")
+    if not path or "//" in path or "/." in path or path[0] == "." or path[-1] == "/":
+        path = posixpath.normpath(path)  # otherwise normpath would return it unchanged
+    return posixpath.splitext(path)[0]
 
 
 def _text_bytes(value: str) -> bytes:
