@@ -4,9 +4,11 @@
 :class:`Rejection` with a short ``reason`` code (one of :data:`REASONS`) and a human-readable
 ``detail``. Thresholds live in :class:`CheckConfig` so they are configuration, not code.
 
-Images are decoded fully with :func:`clip_core.transforms.decode_image` (bomb-checked against
-``CheckConfig.max_pixels``) only to prove they decode; the accepted row keeps the *original*
-encoded bytes (no re-encode) together with the decoded size and the SHA-256 of those bytes.
+Images are decoded with :func:`clip_core.transforms.verify_image` (bomb-checked against
+``CheckConfig.max_pixels``) only to prove they decode: it gives exactly
+:func:`~clip_core.transforms.decode_image`'s verdict, decoding every coefficient of a JPEG but
+reconstructing its pixels at 1/8 scale. The accepted row keeps the *original* encoded bytes
+(no re-encode) together with the declared size and the SHA-256 of those bytes.
 
 Check order (the first failing check decides the reason): source-reported ``problem``, split,
 missing image, missing caption, caption (UTF-8, empty, length), image (empty, decode, size,
