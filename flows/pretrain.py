@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -98,9 +98,10 @@ def _publish_eval(evaluation: dict[str, Any], trained: dict[str, Any]) -> None:
 
 
 def _overlap_stage(
-    shards: str, suite: str, model_dir: str, out: Path, detector: str | None
+    shards: str, suite: str, model_dir: str, out: Path, detector: str | None, *, verify: str
 ) -> dict[str, Any]:
-    report = stages.overlap_analysis(shards, suite, model_dir, str(out / "overlap"), detector)
+    where = str(out / "overlap")
+    report = stages.overlap_analysis(shards, suite, model_dir, where, detector, verify=verify)
     create_table_artifact(
         overlap_rows(report), key="pretrain-overlap", description="train/eval overlap"
     )
@@ -141,6 +142,7 @@ def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
     eval_threads: int | None = 1,
     overlap: bool = True,
     overlap_detector: str | None = None,
+    overlap_verify: Literal["auto", "on", "off"] = "auto",
     registry: bool = True,
 ) -> dict[str, Any]:
     """Pretrain a CLIP from a data source (or existing shards) to a registered candidate.
@@ -162,6 +164,8 @@ def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
         overlap: run the overlap analysis of the shards against the suite's datasets.
         overlap_detector: ``None``: the CLIP image tower finds duplicates; ``"train"``: train
             the tiny dedicated detector on the shards first; else a trained detector dir.
+        overlap_verify: pixel verification of the detector's candidates: ``auto`` (on with a
+            detector), ``on`` or ``off`` (``clipops overlap --verify``).
         registry: register the model (``candidate`` alias, then the champion rule).
     """
     name = run_name or default_run_name(recipe)
@@ -186,7 +190,9 @@ def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
     model_dir = stages.local_model(trained["final_model"], str(out / "model"))
     report = None
     if overlap and shard_dir is not None:
-        report = _overlap_stage(shard_dir, suite, model_dir, out, overlap_detector)
+        report = _overlap_stage(
+            shard_dir, suite, model_dir, out, overlap_detector, verify=overlap_verify
+        )
     evaluation = stages.evaluate_model(
         model_dir, suite, str(out / "eval"), str(out / "feature_cache"), eval_threads
     )

@@ -172,15 +172,25 @@ def log_eval(tracking_uri: str, run_id: str, evaluation: dict[str, Any]) -> dict
 
 @task(name="overlap", cache_policy=NONE)
 def overlap_analysis(
-    shards: str, suite: str, model: str, out_dir: str, detector: str | None = None
+    shards: str,
+    suite: str,
+    model: str,
+    out_dir: str,
+    detector: str | None = None,
+    *,
+    verify: str = "auto",
 ) -> dict[str, Any]:
-    """``clipops overlap --train SHARDS --suite SUITE --model CKPT --out DIR [--detector D]``.
+    """``clipops overlap --train SHARDS --suite SUITE --model CKPT --out DIR [--detector D]
+    [--verify auto|on|off]``.
 
     ``detector`` ``None`` uses the CLIP image tower as the duplicate detector; ``"train"``
     first trains the tiny dedicated detector on the shards (``clipops overlap-detector
     --tiny``) into ``OUT_DIR/detector``; anything else is a trained detector directory.
+    ``verify``: the pixel verification of candidates (``auto``: on with a detector).
     """
-    from clip_overlap.pipeline import run_overlap
+    from clip_overlap.pipeline import OverlapConfig, run_overlap
+
+    config = OverlapConfig(verify=verify)  # OverlapError for an unknown mode, before any work
 
     if detector == "train":
         from clip_overlap.detector import DetectorTrainConfig, train_detector
@@ -193,6 +203,7 @@ def overlap_analysis(
         out_dir,
         detector=detector,
         embedding="clip" if detector is None else "detector",
+        config=config,
     )
     report["report_path"] = f"{out_dir}/overlap.json"
     return report

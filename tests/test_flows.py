@@ -284,3 +284,22 @@ def test_overlap_rows_and_registry_markdown() -> None:
     )
     assert "version **2**" in text and "`candidate`" in text and "**rejected**" in text
     assert "- zero_shot/mean/top1 0.50 < 0.60" in text
+
+
+def test_overlap_verification_is_a_checked_flow_parameter() -> None:
+    """``overlap_verify`` offers exactly the overlap CLI's modes; others fail at submission."""
+    from prefect.exceptions import ParameterTypeError
+
+    from clip_overlap.pipeline import VERIFY_MODES
+    from flows.pretrain import pretrain
+
+    schema = pretrain.parameters.properties["overlap_verify"]
+    assert set(schema["enum"]) == set(VERIFY_MODES) and schema["default"] == "auto"
+    assert pretrain.validate_parameters({"overlap_verify": "off"})["overlap_verify"] == "off"
+    with pytest.raises(ParameterTypeError, match="overlap_verify"):
+        pretrain.validate_parameters({"overlap_verify": "sometimes"})
+    from clip_overlap.pipeline import OverlapError
+    from flows.stages import overlap_analysis
+
+    with pytest.raises(OverlapError, match="verify must be one of"):  # before reading anything
+        overlap_analysis.fn("/nonexistent", "/nonexistent.yaml", "/m", "/o", verify="sometimes")
