@@ -286,6 +286,19 @@ def _decodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
     return calls
 
 
+def _verdicts(data: bytes) -> tuple[Any, Any]:
+    """(verify_image's verdict, decode_image's): the size, or the error message."""
+    from clip_core.transforms import ImageDecodeError, decode_image, verify_image
+
+    verdicts: list[Any] = []
+    for decode in (verify_image, lambda d: decode_image(d).size):
+        try:
+            verdicts.append(decode(data))
+        except ImageDecodeError as error:
+            verdicts.append(str(error))
+    return verdicts[0], verdicts[1]
+
+
 @pytest.mark.parametrize(
     ("case", "accepted"),
     [
@@ -303,7 +316,6 @@ def _decodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
 )
 def test_verify_accepts_and_rejects_like_the_rgb_decode(case: str, accepted: bool) -> None:
     """verify_image's reduced JPEG decode never changes a verdict, a size or an error message."""
-    from clip_core.transforms import ImageDecodeError, decode_image, verify_image
 
     rgb = _jpeg("RGB")
     data = {
@@ -318,15 +330,7 @@ def test_verify_accepts_and_rejects_like_the_rgb_decode(case: str, accepted: boo
         "bad_huffman_table": _corrupt(rgb, b"\xff\xc4", 5, b"\xff" * 20),
         "truncated_png": GOOD_PNG[: len(GOOD_PNG) - 40],
     }[case]
-    expected: Any
-    try:
-        expected = decode_image(data).size
-    except ImageDecodeError as error:
-        expected = str(error)
-    try:
-        got: Any = verify_image(data)
-    except ImageDecodeError as error:
-        got = str(error)
+    got, expected = _verdicts(data)
     assert got == expected
     assert isinstance(got, tuple) == accepted
     result = check_record(_raw(image=data), DEFAULT)
@@ -385,7 +389,6 @@ def test_reduced_decode_gives_the_ordinary_verdict_on_damaged_jpegs() -> None:
     """1,200 JPEGs damaged in their scans (baseline, progressive, grey, restart markers,
     every chroma subsampling): verify_image accepts exactly those decode_image accepts, with
     the same size, and otherwise raises the same message."""
-    from clip_core.transforms import ImageDecodeError, decode_image, verify_image
 
     rng = np.random.default_rng(2026)
     originals = []
@@ -408,15 +411,7 @@ def test_reduced_decode_gives_the_ordinary_verdict_on_damaged_jpegs() -> None:
     verdicts = {True: 0, False: 0}
     for n in range(1200):
         data = _damaged(originals[n % len(originals)], rng)
-        expected: Any
-        try:
-            expected = decode_image(data).size
-        except ImageDecodeError as error:
-            expected = str(error)
-        try:
-            got: Any = verify_image(data)
-        except ImageDecodeError as error:
-            got = str(error)
+        got, expected = _verdicts(data)
         assert got == expected, (n, got, expected)
         verdicts[isinstance(got, tuple)] += 1
     assert min(verdicts.values()) > 200, verdicts  # both verdicts well represented
