@@ -513,7 +513,8 @@ def ingest(
     from clip_data.sources import open_source
 
     kind = kind if kind is not None else _detected_kind(source, source_options)
-    plan = plan_tars(source, kind, config.workers, source_options)
+    # Undetectable: no plan (it would detect again); open_source reports why.
+    plan = None if kind is None else plan_tars(source, kind, config.workers, source_options)
     if plan is not None:  # several tar shards: each worker streams whole shards itself
         tars = _TarStream(plan, config)
         return _ingest_checked(tars.results, lambda: tars.read, dest, config, output)
