@@ -14,6 +14,7 @@ This module holds what readers and the writer (:mod:`clip_data.shards`) share: t
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -169,13 +170,52 @@ def canonical_json(value: Any, what: str) -> str:
     return to_json(value, what)
 
 
+class _HashingFile(io.RawIOBase):
+    """A new binary file that hashes every byte written to it (SHA-256 for the manifest, MD5
+    for the DVC dataset version), so a finished file never has to be read back."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._fh = path.open("wb")
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5()  # DVC's content hash, not a security measure
+
+    def writable(self) -> bool:
+        """Always ``True``."""
+        return True
+
+    def write(self, data: Any) -> int:
+        """Write and hash ``data`` (any bytes-like object); return its length."""
+        view = memoryview(data).cast("B")
+        self._fh.write(view)
+        self.sha256.update(view)
+        self.md5.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        """Bytes written so far."""
+        return self.size
+
+    def close(self) -> None:
+        """Close the underlying file."""
+        if not self.closed:
+            self._fh.close()
+        super().close()
+
+
 class ParquetStream:
-    """One Parquet file written row group by row group, with its byte position tracked."""
+    """One Parquet file written row group by row group, with its byte position tracked.
+
+    The bytes are hashed as they are written: after :meth:`close`, :attr:`size`,
+    :attr:`sha256` and :attr:`md5` describe the finished file.
+    """
 
     def __init__(self, path: Path, schema: pa.Schema, compression: str) -> None:
         self.path = path
         self.rows = 0
-        self._sink = pa.OSFile(str(path), "wb")
+        self._sink = _HashingFile(path)
         self._schema = schema
         try:
             self._writer = pq.ParquetWriter(
@@ -201,7 +241,22 @@ class ParquetStream:
     @property
     def bytes_written(self) -> int:
         """Bytes in the file so far (every completed row group; the footer comes at close)."""
-        return int(self._sink.tell())
+        return self._sink.size
+
+    @property
+    def size(self) -> int:
+        """Bytes in the file (complete after :meth:`close`)."""
+        return self._sink.size
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the bytes written (of the whole file after :meth:`close`)."""
+        return self._sink.sha256.hexdigest()
+
+    @property
+    def md5(self) -> str:
+        """Hex MD5 of the bytes written (DVC's file hash, after :meth:`close`)."""
+        return self._sink.md5.hexdigest()
 
     def write(self, columns: list[list[Any]]) -> None:
         """Write ``columns`` (one list per schema field) as a single row group."""

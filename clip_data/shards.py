@@ -65,7 +65,6 @@ from clip_data.shard_format import (
     ParquetStream,
     ShardConfig,
     canonical_json,
-    file_sha256,
     iter_rows,
     read_manifest,
     row_schema,
@@ -205,6 +204,9 @@ class ShardWriter:
     whose rows come straight from :func:`~clip_data.checks.check_record` (which hashed the
     very bytes it returns), such as :func:`clip_data.ingest.ingest_records`.
 
+    Files are hashed as they are written, never read back: the manifest's SHA-256s and
+    :attr:`file_md5s` (what ``dvc add`` would compute for each file) come from the write.
+
     ``dest`` must be a local path (``ingest_records`` handles ``s3://`` destinations). An
     existing ``dest`` must be an earlier ingest output (it has a ``manifest.json``) or an
     empty directory.
@@ -244,6 +246,9 @@ class ShardWriter:
         self._tmp.chmod(0o755)  # mkdtemp makes it private; the published output is not
 
         self.manifest: Manifest | None = None
+        #: MD5 of each finished file by name (the file hashes ``dvc add`` computes), taken as
+        #: the bytes were written, for :func:`clip_data.versioning.stamp_manifest`.
+        self.file_md5s: dict[str, str] = {}
         self._closed = False
         self._read = 0
         self._seen: dict[str, str] = {}  # sha256 -> key of the first occurrence
@@ -383,14 +388,11 @@ class ShardWriter:
             return
         shard.close()
         self._shard = None
+        name = shard.path.name
         self._shards.append(
-            {
-                "file": shard.path.name,
-                "rows": shard.rows,
-                "bytes": shard.path.stat().st_size,
-                "sha256": file_sha256(shard.path),
-            }
+            {"file": name, "rows": shard.rows, "bytes": shard.size, "sha256": shard.sha256}
         )
+        self.file_md5s[name] = shard.md5
 
     def _flush_quarantine(self) -> None:
         self._quarantine.write(self._qbuffer)
@@ -419,7 +421,7 @@ class ShardWriter:
         self._finish_shard()
         self._flush_quarantine()
         self._quarantine.close()
-        qpath = self._quarantine.path
+        self.file_md5s[QUARANTINE_NAME] = self._quarantine.md5
         accepted = sum(int(s["rows"]) for s in self._shards)
         quarantined = self._quarantine.rows
         duplicates = len(self._duplicates)
@@ -442,7 +444,7 @@ class ShardWriter:
             "quarantine": {
                 "file": QUARANTINE_NAME,
                 "rows": quarantined,
-                "sha256": file_sha256(qpath),
+                "sha256": self._quarantine.sha256,
             },
             "duplicates": self._duplicates,
             "extra_columns": dict(self._extras.types or {}),

@@ -180,15 +180,25 @@ def dvc_md5(path: str | os.PathLike[str]) -> str:
     return str(value)
 
 
-def _files_md5(root: Path, rel_paths: Sequence[str]) -> str:
-    """DVC directory md5 of the given files under ``root`` (as if they were the only ones)."""
+def _files_md5(root: Path, rel_paths: Sequence[str], known: Mapping[str, str]) -> str:
+    """DVC directory md5 of the given files under ``root`` (as if they were the only ones).
+
+    ``known``: md5s already computed for some of the files (by relative path); the others
+    are hashed here.
+    """
     from dvc_data.hashfile.hash import hash_file
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
     from dvc_data.hashfile.tree import Tree
 
     fs = _local_fs()
     tree = Tree()
     for rel in sorted(rel_paths):
-        meta, hash_info = hash_file(os.fspath(root / rel), fs, "md5")
+        path = root / rel
+        if rel in known:
+            meta, hash_info = Meta(size=path.stat().st_size), HashInfo("md5", known[rel])
+        else:
+            meta, hash_info = hash_file(os.fspath(path), fs, "md5")
         tree.add(tuple(rel.split("/")), meta, hash_info)
     tree.digest()
     value = str(tree.hash_info.value)
@@ -196,7 +206,9 @@ def _files_md5(root: Path, rel_paths: Sequence[str]) -> str:
     return value
 
 
-def stamp_manifest(dest: str | os.PathLike[str]) -> str:
+def stamp_manifest(
+    dest: str | os.PathLike[str], known_md5s: Mapping[str, str] | None = None
+) -> str:
     """Write the dataset version of the ingest output ``dest`` into its manifest; return it.
 
     The version is the md5 ``dvc add`` would record for ``dest`` without its top-level
@@ -205,6 +217,10 @@ def stamp_manifest(dest: str | os.PathLike[str]) -> str:
     The manifest gains
     ``"dataset_version": {"dvc_md5": ..., "scheme": "dvc-md5"}`` and is rewritten atomically in
     the shard writer's format (sorted keys, two-space indent).
+
+    ``known_md5s``: the md5 of files whose bytes the caller hashed as it wrote them (by path
+    relative to ``dest``; :attr:`clip_data.shards.ShardWriter.file_md5s`), so they are not
+    read again; every other file is hashed here.
     """
     root = Path(dest)
     manifest = read_manifest(root)  # also checks the schema version
@@ -215,7 +231,7 @@ def stamp_manifest(dest: str | os.PathLike[str]) -> str:
     ]
     if not rel_paths:
         raise ValueError(f"{root} holds no files besides {MANIFEST_NAME}")
-    md5 = _files_md5(root, rel_paths)
+    md5 = _files_md5(root, rel_paths, known_md5s or {})
     manifest["dataset_version"] = {"dvc_md5": md5, "scheme": SCHEME}
     text = json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=root)

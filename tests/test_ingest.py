@@ -412,3 +412,27 @@ def test_images_are_kept_as_received_unless_reencoding_is_asked(tmp_path: Path) 
                 assert (img.format, img.size) == ("JPEG", (row["width"], row["height"]))
     with pytest.raises(ValueError, match="reencode"):
         CheckConfig(reencode="gif")
+
+
+def _pipe_max() -> int:
+    try:
+        return int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except OSError:
+        return 0
+
+
+@pytest.mark.skipif(
+    _pipe_max() < ingest_module._PIPE_BYTES, reason="needs Linux pipes of _PIPE_BYTES"
+)
+def test_pool_pipes_hold_a_chunk_of_results() -> None:
+    """A worker hands back a chunk of images in one write instead of ~15 of 64 KiB."""
+    import fcntl
+
+    executor = ingest_module._executor(2)
+    try:
+        queues: list[Any] = [executor._result_queue, executor._call_queue]  # type: ignore[attr-defined]
+        for queue in queues:
+            size = fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
+            assert size >= ingest_module._PIPE_BYTES
+    finally:
+        executor.shutdown()

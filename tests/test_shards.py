@@ -196,6 +196,20 @@ def test_manifest_checksums_and_sizes_match_files(tmp_path: Path) -> None:
     assert on_disk["quarantine"]["sha256"] == hashlib.sha256(qdata).hexdigest()
 
 
+def test_file_md5s_are_the_md5s_of_the_published_files(tmp_path: Path) -> None:
+    """The hashes taken while writing (never read back) are those of the files on disk."""
+    dest = tmp_path / "out"
+    with ShardWriter(dest, SMALL) as writer:
+        for i in range(50):
+            writer.add(_row(i))
+        writer.reject(_rejection(0))
+    names = {p.name for p in dest.iterdir()} - {MANIFEST_NAME}
+    assert len(names) > 2  # several shards and the quarantine
+    assert writer.file_md5s == {
+        name: hashlib.md5((dest / name).read_bytes()).hexdigest() for name in names
+    }
+
+
 def test_idempotent_byte_identical(tmp_path: Path) -> None:
     rows = [_row(i) for i in range(60)] + [_row(3)]
     rejections = [_rejection(i) for i in range(5)]

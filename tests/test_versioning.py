@@ -203,6 +203,13 @@ def test_stamp_manifest(tmp_path: Path) -> None:
     (copy / MANIFEST_NAME).unlink()
     assert md5 == dvc_md5(copy)
     assert stamp_manifest(dest) == md5
+    # The same with the md5s the writer took while writing (those files are not read again).
+    assert len(writer.file_md5s) == len(before["shards"]) + 1
+    assert stamp_manifest(dest, writer.file_md5s) == md5
+    # A known md5 is used as given: a wrong one gives another version.
+    wrong = dict.fromkeys(writer.file_md5s, "0" * 32)
+    assert stamp_manifest(dest, wrong) != md5
+    assert stamp_manifest(dest) == md5
 
     # Any change to a shard changes the version.
     shard = dest / before["shards"][0]["file"]
