@@ -4,9 +4,9 @@
 :class:`Rejection` with a short ``reason`` code (one of :data:`REASONS`) and a human-readable
 ``detail``. Thresholds live in :class:`CheckConfig` so they are configuration, not code.
 
-Images are decoded with :func:`clip_core.transforms.verify_image` (bomb-checked against
+Images are decoded with :func:`clip_core.images.verify_image` (bomb-checked against
 ``CheckConfig.max_pixels``) only to prove they decode: it gives exactly
-:func:`~clip_core.transforms.decode_image`'s verdict, decoding every coefficient of a JPEG but
+:func:`~clip_core.images.decode_image`'s verdict, decoding every coefficient of a JPEG but
 reconstructing its pixels at 1/8 scale. The accepted row keeps the *original* encoded bytes
 (no re-encode) together with the declared size and the SHA-256 of those bytes.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from PIL import Image
 
-from clip_core.transforms import (
+from clip_core.images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     ImageTooLargeError,
@@ -76,7 +76,7 @@ class CheckConfig:
         min_side: Smallest accepted image width and height, in pixels.
         max_side: Largest accepted image width and height, in pixels.
         max_pixels: Largest accepted ``width * height``; also the decompression-bomb limit
-            passed to :func:`~clip_core.transforms.decode_image` (checked from the header
+            passed to :func:`~clip_core.images.decode_image` (checked from the header
             before any pixel data is decoded).
         max_aspect: Largest accepted ``max(w, h) / min(w, h)``.
         min_caption_chars: Fewest characters (code points) a caption may have after

@@ -79,3 +79,28 @@ def test_console_script_runs() -> None:
     assert "ViT-L-14" in result.stdout and "427,616,513" in result.stdout
     bad = subprocess.run([str(exe), "nonsense"], check=False, capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_the_ingest_side_starts_without_torch() -> None:
+    """The ingest checks, sources and pool workers import no torch (2+ s per process)."""
+    code = (
+        "import sys, clip_data.checks, clip_data.ingest, clip_data.sources, "
+        "clip_data.wds_ingest, clip_core.images, clip_core; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_clip_core_names_load_on_first_use() -> None:
+    """Every public name of the package resolves, to the object its submodule defines."""
+    import importlib
+
+    import clip_core
+
+    assert sorted(clip_core.__all__) == sorted(clip_core._EXPORTS)
+    for name, module in clip_core._EXPORTS.items():
+        assert getattr(clip_core, name) is getattr(importlib.import_module(module), name)
+    assert set(clip_core.__all__) <= set(dir(clip_core))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = clip_core.nope
