@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prod_stack import RAY_LEAN_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -26,6 +27,7 @@ CODE = ("clip_core", "clip_data", "clip_train", "clip_eval", "clip_overlap", "fl
 def _dvc(repo: Path, *args: str, timeout: float = 900) -> str:
     env = {
         **os.environ,
+        **RAY_LEAN_ENV,
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         "DVC_NO_ANALYTICS": "1",
         "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns.db'}",

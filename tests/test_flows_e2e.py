@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from prod_stack import free_port
+from prod_stack import RAY_LEAN_ENV, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -37,6 +37,7 @@ class Prefect:
         (tmp / "prefect").mkdir()
         self.env = {
             **os.environ,
+            **RAY_LEAN_ENV,  # reaches the flow run's local Ray cluster
             "PREFECT_HOME": str(tmp / "prefect"),
             "PREFECT_API_URL": self.api,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -8,8 +8,8 @@ the checkpoints, and learn: zero-shot accuracy on held-out synthetic data >= 3x 
 
 Most of the fixture's CPU time goes to Ray start-ups, not to the 80 steps; the 2 cores are
 shared by the suite's lanes. One preprocessing task at a time starts one Ray Data process per
-run instead of three, and Ray's worker prestart and Train's preemption watcher (node draining,
-which a one-node local cluster never sees) are off (BENCHMARKS.md, "Test suite").
+run instead of three, and Ray features nothing here exercises are off (``RAY_LEAN_ENV``:
+worker prestart, Train's preemption watcher and metrics; BENCHMARKS.md, "Test suite").
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 import pytest
-from prod_stack import processes_mentioning
+from prod_stack import RAY_LEAN_ENV, processes_mentioning
 from safetensors.torch import load_file
 
 from clip_core.checkpoint import load_checkpoint
@@ -39,8 +39,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 TRAIN, TEST, BATCH, EPOCHS, EVERY = 2048, 384, 128, 5, 16
 TOTAL = TRAIN // BATCH * EPOCHS  # 80 optimiser steps
-# Ray features that cost CPU-seconds and that nothing here exercises
-RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +132,7 @@ def killed_and_resumed(shards: Path, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("ray")
     run_dir = root / "runs" / "resume-test"
     ray_tmp = Path(tempfile.mkdtemp(prefix="/tmp/rt-"))  # this test's Ray sessions, short paths
-    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": str(ray_tmp)}
+    env = {**os.environ, **RAY_LEAN_ENV, "RAY_TMPDIR": str(ray_tmp)}
     proc = subprocess.Popen(
         _command(shards, root), text=True, stdout=subprocess.PIPE, start_new_session=True, env=env
     )
