@@ -208,7 +208,7 @@ class _HashingFile(io.RawIOBase):
 class ParquetStream:
     """One Parquet file written row group by row group, with its byte position tracked.
 
-    The bytes are hashed as they are written: after :meth:`close`, :attr:`size`,
+    The bytes are hashed as they are written: after :meth:`close`, :attr:`bytes_written`,
     :attr:`sha256` and :attr:`md5` describe the finished file.
     """
 
@@ -240,12 +240,8 @@ class ParquetStream:
 
     @property
     def bytes_written(self) -> int:
-        """Bytes in the file so far (every completed row group; the footer comes at close)."""
-        return self._sink.size
-
-    @property
-    def size(self) -> int:
-        """Bytes in the file (complete after :meth:`close`)."""
+        """Bytes in the file so far (every completed row group; the footer comes at close,
+        so after :meth:`close` this is the file's size)."""
         return self._sink.size
 
     @property

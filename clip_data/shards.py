@@ -390,7 +390,7 @@ class ShardWriter:
         self._shard = None
         name = shard.path.name
         self._shards.append(
-            {"file": name, "rows": shard.rows, "bytes": shard.size, "sha256": shard.sha256}
+            {"file": name, "rows": shard.rows, "bytes": shard.bytes_written, "sha256": shard.sha256}
         )
         self.file_md5s[name] = shard.md5
 
