@@ -56,13 +56,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if (args.epochs is not None and args.epochs < 1) or args.train_samples < 128:
         print("clipops demo: --epochs must be >= 1 and --train-samples >= 128", file=sys.stderr)
         return 2
-    run_demo_chain(
-        args.out,
-        epochs=args.epochs,
-        train_samples=args.train_samples,
-        seed=args.seed,
-        suite=args.suite or _demo_suite(),
-    )
+    from flows.preflight import PreflightError
+
+    try:
+        run_demo_chain(
+            args.out,
+            epochs=args.epochs,
+            train_samples=args.train_samples,
+            seed=args.seed,
+            suite=args.suite or _demo_suite(),
+            skip_missing_datasets=args.skip_missing_datasets,
+        )
+    except PreflightError as exc:
+        print(f"clipops demo: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -226,10 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job: the full pretrain flow (ingest, validate, Ray Train, eval, registry)",
     )
     p.add_argument("--out", default="runs/demo", help="run directories (default: runs/demo)")
-    p.add_argument("--epochs", type=int, default=None, help="default: the tiny recipe's")
+    p.add_argument("--epochs", type=int, default=None, help="default: 3 (flows.defaults)")
     p.add_argument("--train-samples", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suite", default=None, help="eval suite YAML (default: configs/demo-suite)")
+    p.add_argument(
+        "--skip-missing-datasets",
+        action="store_true",
+        help="leave out the real-data rows whose Debian dataset is not installed (said first)",
+    )
     p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser("ingest", help="validate a source into Parquet shards and a quarantine")
@@ -300,7 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="output directory (default: runs/eval)")
     p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
     p.add_argument("--tokenizer", default=None, help="BPE merges file (OpenAI-format weights)")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a bar on a terminal, periodic lines otherwise (default); --no-progress: none",
+    )
     p.add_argument(
         "--threads",
         type=int,

@@ -120,3 +120,16 @@ def retrieval_recall(
     for k in ks:
         out[f"text_to_image_R@{k}"] = (t2i < k).float().mean().item()
     return out
+
+
+def recall_chance(candidates: int, relevant: int, k: int) -> float:
+    """Recall@k of a random ranking: P(at least one of ``relevant`` items among the first
+    ``k`` of ``candidates``) = 1 - C(candidates - relevant, k) / C(candidates, k)."""
+    if candidates < 1 or not 0 < relevant <= candidates or k < 1:
+        raise ValueError(
+            f"need 0 < relevant <= candidates and k >= 1, got {relevant}, {candidates}, {k}"
+        )
+    miss = 1.0
+    for j in range(min(k, candidates - relevant + 1)):
+        miss *= (candidates - relevant - j) / (candidates - j)
+    return 1.0 - miss

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import io
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from clip_data.errors import MissingDatasetError, SourceError
@@ -23,12 +24,31 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
     *("Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
 )
 TUXPAINT_ROOT = "/usr/share/tuxpaint/stamps"
-_FASHION_TEMPLATES: tuple[str, ...] = (  # "{}" is the class name with its article
-    *("a photo of {}.", "a grey picture of {}.", "{}", "a small black and white image of {}."),
-    *("a product photo of {}", "this is {}.", "a low resolution photo of {}."),
-    *("an item of clothing: {}", "a centred picture of {} on a black background."),
-    *("a catalogue image showing {}.",),
+#: Training captions of Fashion-MNIST: templates and names chosen so that no caption is a
+#: prompt of any evaluation template list (clip_core.zeroshot, configs/demo-suite.yaml), so
+#: the zero-shot evaluation stays zero-shot in wording (tests/test_corpora.py checks it).
+#: ``{}`` is a noun phrase with its article, drawn from :data:`FASHION_NAMES`.
+FASHION_TRAIN_TEMPLATES: tuple[str, ...] = (
+    *("{} on a plain dark background.", "a grey catalogue shot of {}.", "product image: {}"),
+    *("a small greyscale scan of {}.", "{}, seen from the front.", "a shop listing for {}."),
+    *("{} in a product photo.", "{} laid out flat.", "a thumbnail that shows {}."),
+    *("a studio picture showing {}.", "a wardrobe piece: {}", "{} in a clothing store."),
 )
+#: Noun phrases per class: the class name itself and synonyms (eval uses the class name).
+FASHION_NAMES: tuple[tuple[str, ...], ...] = (
+    ("a t-shirt/top", "a t-shirt", "a tee", "a top", "a short-sleeved tee"),
+    ("a trouser", "a pair of trousers", "a pair of pants", "some slacks"),
+    ("a pullover", "a sweater", "a jumper", "a knitted pullover"),
+    ("a dress", "a frock", "a summer dress", "a gown"),
+    ("a coat", "a jacket", "an overcoat", "a winter coat"),
+    ("a sandal", "a pair of sandals", "an open-toe sandal", "a flip-flop"),
+    ("a shirt", "a button-up shirt", "a blouse", "a collared shirt"),
+    ("a sneaker", "a trainer", "a running shoe", "a sports shoe"),
+    ("a bag", "a handbag", "a purse", "a tote bag"),
+    ("an ankle boot", "a boot", "a short boot", "a bootie"),
+)
+#: Share of the Tux Paint stamps held out (``part="test"``), chosen by a hash of the key.
+TUXPAINT_TEST_PERCENT = 20
 
 
 def _parse_name_options(uri: str, name: str) -> dict[str, str]:
@@ -120,11 +140,52 @@ def _fashion_path(root: str, prefix: str, part: str) -> Path:
     return path
 
 
+def check_fashion_mnist(root: str = FASHION_MNIST_ROOT) -> None:
+    """Raise :class:`MissingDatasetError` (naming the fix) unless all four files are there."""
+    for prefix in ("train", "t10k"):
+        for part in ("images-idx3", "labels-idx1"):
+            _fashion_path(root, prefix, part)
+
+
+def check_tuxpaint(root: str = TUXPAINT_ROOT) -> None:
+    """Raise :class:`MissingDatasetError` (naming the fix) unless the stamps are there."""
+    if not Path(root).is_dir():
+        raise MissingDatasetError(
+            f"Tux Paint stamps not found ({root} is missing); install them with "
+            "`apt-get install tuxpaint-stamps-default`"
+        )
+
+
+def source_requirements(uri: str) -> list[Callable[[], None]]:
+    """Checks of the system datasets a built-in corpus ``uri`` reads (empty for any other
+    source): each raises :class:`MissingDatasetError` with the install command."""
+    name = uri.split(":", 1)[0]
+    if name == "fashion-mnist":
+        return [check_fashion_mnist]
+    if name == "tuxpaint":
+        return [check_tuxpaint]
+    if name != "demo-mix":
+        return []
+    named = _parse_name_options(uri, "demo-mix")
+    checks: list[Callable[[], None]] = []
+    if named.get("fashion", "1") != "0":
+        checks.append(check_fashion_mnist)
+    if named.get("tuxpaint", "1") != "0":
+        checks.append(check_tuxpaint)
+    return checks
+
+
 def fashion_caption(index: int, label: int) -> str:
-    """Deterministic caption of Fashion-MNIST image ``index`` with class ``label``."""
-    name = FASHION_MNIST_CLASSES[label].lower()
-    name = f"an {name}" if name[0] in "aeiou" else f"a {name}"
-    return _FASHION_TEMPLATES[(index * 7 + label) % len(_FASHION_TEMPLATES)].format(name)
+    """Deterministic training caption of Fashion-MNIST image ``index`` with class ``label``.
+
+    A template of :data:`FASHION_TRAIN_TEMPLATES` around the class name or a synonym
+    (:data:`FASHION_NAMES`); the first name, the evaluation's class name, is used in a
+    third of the captions.
+    """
+    mixed = (index * 2654435761 + label * 40503) % 2**32
+    names = FASHION_NAMES[label]
+    name = names[0] if mixed % 3 == 0 else names[1 + (mixed >> 8) % (len(names) - 1)]
+    return FASHION_TRAIN_TEMPLATES[(mixed >> 16) % len(FASHION_TRAIN_TEMPLATES)].format(name)
 
 
 def read_fashion_mnist(
@@ -169,6 +230,13 @@ def read_fashion_mnist(
                 yield RawRecord(key, image, caption, uri, split, extra)
 
 
+def tuxpaint_part(key: str) -> str:
+    """``"test"`` for the held-out stamps (:data:`TUXPAINT_TEST_PERCENT` of the keys), else
+    ``"train"``; a hash of the key, so the parts stay fixed when stamps are added."""
+    digest = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+    return "test" if digest % 100 < TUXPAINT_TEST_PERCENT else "train"
+
+
 def read_tuxpaint(
     uri: str = "tuxpaint",
     *,
@@ -176,34 +244,136 @@ def read_tuxpaint(
     flatten: bool = True,
     limit: int | None = None,
     split: str = "train",
+    part: str = "all",
 ) -> Iterator[RawRecord]:
     """Tux Paint stamps from the Debian package ``tuxpaint-stamps-default``.
 
     Every ``**/*.png`` except under ``symbols/`` and ``*/cartoon/``; the caption is the first
     line of the ``.txt`` beside it (``None`` when absent); ``extra = {"category": top folder}``.
     With ``flatten`` the RGBA cut-out is pasted onto white and re-encoded as RGB PNG.
+    ``part``: ``"all"``, or only the ``"train"`` or held-out ``"test"`` stamps
+    (:func:`tuxpaint_part`). Records get ``split`` as their split.
     Raises :class:`MissingDatasetError` when the package is not installed.
     """
+    if part not in ("all", "train", "test"):
+        raise SourceError(f"unknown tuxpaint part {part!r}; use all, train or test")
+    check_tuxpaint(root)
     base = Path(root)
-    if not base.is_dir():
-        raise MissingDatasetError(
-            f"Tux Paint stamps not found ({base} is missing); install them with "
-            "`apt-get install tuxpaint-stamps-default`"
-        )
     count = 0
     for path in sorted(base.rglob("*.png")):
         parts = path.relative_to(base).parts
         if len(parts) < 2 or parts[0] == "symbols" or "cartoon" in parts[1:-1]:
+            continue
+        key = path.relative_to(base).with_suffix("").as_posix()
+        if part != "all" and tuxpaint_part(key) != part:
             continue
         if limit is not None and count >= limit:
             return
         text = path.with_suffix(".txt")
         lines = text.read_bytes().splitlines() if text.is_file() else []
         image = _flatten_on_white(path.read_bytes()) if flatten else path.read_bytes()
-        key = path.relative_to(base).with_suffix("").as_posix()
         caption = lines[0].strip() if lines else None
         yield RawRecord(key, image, caption, uri, split, {"category": parts[0]})
         count += 1
+
+
+def read_demo_mix(
+    uri: str = "demo-mix",
+    *,
+    synthetic: int = 2048,
+    synthetic_test: int = 512,
+    fashion: int = 8000,
+    tuxpaint: int = 1,
+    seed: int = 0,
+    fashion_root: str = FASHION_MNIST_ROOT,
+    tuxpaint_root: str = TUXPAINT_ROOT,
+) -> Iterator[RawRecord]:
+    """The demo's pretraining mix, interleaved so every shard holds the same proportions.
+
+    ``synthetic`` training pairs (plus ``synthetic_test`` held-out ones, split ``test``) of
+    :func:`read_synthetic` at 64 px, the first ``fashion`` Fashion-MNIST training images
+    captioned by :func:`fashion_caption`, and the training part of the Tux Paint stamps
+    with their own captions in ``tuxpaint`` views each (0: none; 1: as they are; up to 4:
+    also mirrored and shrunk, see :func:`_stamp_view`; keys ``tuxpaint/KEY[@VIEW]``). The
+    Fashion-MNIST test split and the held-out stamps are never read. Options may be given in
+    the name:
+    ``"demo-mix:synthetic=1024,fashion=4000,tuxpaint=0"``.
+    """
+    named = _parse_name_options(uri, "demo-mix")
+    unknown = sorted(set(named) - {"synthetic", "synthetic_test", "fashion", "tuxpaint", "seed"})
+    if unknown:
+        raise SourceError(f"unknown demo-mix option(s) {unknown} in {uri!r}")
+    try:
+        n_syn, n_test = (
+            int(named.get("synthetic", synthetic)),
+            int(named.get("synthetic_test", synthetic_test)),
+        )
+        n_fashion, use_tux = (
+            int(named.get("fashion", fashion)),
+            int(named.get("tuxpaint", tuxpaint)),
+        )
+        seed = int(named.get("seed", seed))
+    except ValueError as error:
+        raise SourceError(f"bad demo-mix options in {uri!r}: {error}") from None
+    if n_fashion:
+        check_fashion_mnist(fashion_root)  # before any work: a missing package fails at once
+    if use_tux:
+        check_tuxpaint(tuxpaint_root)
+    streams: list[list[RawRecord]] = []
+    if n_syn or n_test:
+        spec = f"synthetic:train={n_syn},test={n_test},seed={seed},image_size=64"
+        streams.append([dataclasses.replace(r, source=uri) for r in read_synthetic(spec)])
+    if n_fashion:
+        records = read_fashion_mnist(uri, root=fashion_root, splits=("train",), limit=n_fashion)
+        streams.append(list(records))
+    if use_tux:
+        stamps = list(read_tuxpaint(uri, root=tuxpaint_root, part="train"))
+        streams.append(
+            [
+                dataclasses.replace(
+                    r,
+                    key=f"tuxpaint/{r.key}" + (f"@{v}" if v else ""),
+                    image=_stamp_view(r.image, v),
+                )
+                for v in range(use_tux)
+                for r in stamps
+            ]
+        )
+    yield from _interleave(streams)
+
+
+def _stamp_view(image: bytes | None, view: int) -> bytes | None:
+    """View ``view`` of a flattened stamp: 0 itself, 1 mirrored, 2 shrunk to 3/4 on white,
+    3 both (a stamp has few pixels of its own: more views of the same caption)."""
+    if image is None or view % 4 == 0:
+        return image
+    from PIL import Image, ImageOps
+
+    from clip_core.synthetic import encode_png
+
+    with Image.open(io.BytesIO(image)) as opened:
+        picture = opened.convert("RGB")
+    if view % 2:
+        picture = ImageOps.mirror(picture)
+    if view % 4 >= 2:
+        small = picture.resize((max(picture.width * 3 // 4, 1), max(picture.height * 3 // 4, 1)))
+        canvas = Image.new("RGB", picture.size, (255, 255, 255))
+        canvas.paste(
+            small, ((picture.width - small.width) // 2, (picture.height - small.height) // 2)
+        )
+        picture = canvas
+    return encode_png(picture)
+
+
+def _interleave(streams: Sequence[Sequence[RawRecord]]) -> Iterator[RawRecord]:
+    """Merge the lists so that each is spread evenly over the output (stable, deterministic)."""
+    placed = [
+        ((position + 0.5) / len(stream), which, position)
+        for which, stream in enumerate(streams)
+        for position in range(len(stream))
+    ]
+    for _, which, position in sorted(placed):
+        yield streams[which][position]
 
 
 def _flatten_on_white(data: bytes) -> bytes:

@@ -77,6 +77,8 @@ _PRELOAD = ["clip_data.checks", "clip_data.ingest", "clip_data.sources", "clip_d
 _PIPE_BYTES = 1 << 20
 #: Shortest interval between two progress redraws, in seconds.
 _PROGRESS_INTERVAL = 0.25
+#: Interval between two progress lines when the stream is not a terminal, in seconds.
+PROGRESS_LINE_INTERVAL = 10.0
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -299,13 +301,16 @@ class _TarStream:
 
 
 class _Progress:
-    """A single status line on ``stream``, redrawn at most every ``_PROGRESS_INTERVAL`` s."""
+    """Ingest progress on ``stream``: on a terminal a status line redrawn in place at most
+    every ``_PROGRESS_INTERVAL`` s; otherwise (a log file, a pipe) one line every
+    :data:`PROGRESS_LINE_INTERVAL` s. Either way a closing line with the totals."""
 
-    def __init__(self, stream: TextIO, enabled: bool) -> None:
+    def __init__(self, stream: TextIO, enabled: bool, redraw: bool) -> None:
         self.stream = stream
         self.enabled = enabled
+        self.redraw = redraw
         self.start = time.monotonic()
-        self._last = -math.inf
+        self._last = -math.inf if redraw else self.start
         self._width = 0
 
     def _line(self, done: int, quarantined: int) -> str:
@@ -314,16 +319,19 @@ class _Progress:
         return f"ingest: {done:,} rows read, {quarantined:,} quarantined, {rate:,.0f} rows/s"
 
     def _draw(self, text: str, end: str = "") -> None:
-        pad = " " * max(0, self._width - len(text))
-        self.stream.write(f"\r{text}{pad}{end}")
+        if self.redraw:
+            pad = " " * max(0, self._width - len(text))
+            self.stream.write(f"\r{text}{pad}{end}")
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
         self.stream.flush()
-        self._width = len(text)
 
     def update(self, done: int, quarantined: int) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self._last >= _PROGRESS_INTERVAL:
+        if now - self._last >= (_PROGRESS_INTERVAL if self.redraw else PROGRESS_LINE_INTERVAL):
             self._last = now
             self._draw(self._line(done, quarantined))
 
@@ -377,7 +385,8 @@ def ingest_records(
         config: Thresholds, layout, failure limit and parallelism.
         source_desc: JSON-compatible description of the source, stored in the manifest's
             ``ingest_config["source"]``.
-        progress: Show a progress line on stderr; ``None``: only when stderr is a TTY.
+        progress: Progress on stderr: ``None`` or ``True``: a line redrawn in place on a
+            terminal, else a line every ``PROGRESS_LINE_INTERVAL`` s; ``False``: none.
         storage_options: fsspec options for a URL ``dest`` (e.g. S3 endpoint, credentials).
 
     Returns:
@@ -439,8 +448,8 @@ def _ingest_checked(
     """
     if is_remote(dest):
         return _ingest_remote(check, pulled, str(dest), config, output)
-    show = sys.stderr.isatty() if output.progress is None else bool(output.progress)
-    meter = _Progress(sys.stderr, show)
+    tty = sys.stderr.isatty()
+    meter = _Progress(sys.stderr, output.progress is not False, redraw=tty)
     written = quarantined = 0
     results = check()
     try:

@@ -13,7 +13,7 @@ Kinds (``open_source(uri, kind=...)``; ``kind=None`` detects it, see :func:`dete
 * ``webdataset``: img2dataset tar shards (``key.jpg|png|webp`` + ``key.txt`` [+ ``key.json``]),
   read front to back with ``tarfile`` (a forward-only stream) and never extracted.
 * ``parquet``: image bytes (or image paths) and captions in configurable columns.
-* ``synthetic``, ``fashion-mnist``, ``tuxpaint``: built-in demo corpora.
+* ``synthetic``, ``fashion-mnist``, ``tuxpaint``, ``demo-mix``: built-in demo corpora.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 from clip_data.corpora import (
+    read_demo_mix,
     read_fashion_mnist,
     read_synthetic,
     read_tuxpaint,
@@ -498,8 +499,9 @@ SOURCE_KINDS: dict[str, Callable[..., Iterator[RawRecord]]] = {
     "synthetic": read_synthetic,
     "fashion-mnist": read_fashion_mnist,
     "tuxpaint": read_tuxpaint,
+    "demo-mix": read_demo_mix,
 }
-_BUILTIN_NAMES = ("synthetic", "fashion-mnist", "tuxpaint")
+_BUILTIN_NAMES = ("synthetic", "fashion-mnist", "tuxpaint", "demo-mix")
 _SUFFIX_KINDS = {".tar": "webdataset", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
 _SUFFIX_KINDS[".jsonl"] = "jsonl"
 
@@ -507,7 +509,8 @@ _SUFFIX_KINDS[".jsonl"] = "jsonl"
 def detect_kind(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """The kind of ``uri`` by these rules, in order:
 
-    1. ``synthetic`` / ``synthetic:...``, ``fashion-mnist``, ``tuxpaint``: the built-in corpora.
+    1. ``synthetic`` / ``synthetic:...``, ``fashion-mnist``, ``tuxpaint``, ``demo-mix`` /
+       ``demo-mix:...``: the built-in corpora.
     2. A path (or glob) ending in ``.tar``, ``.parquet``, ``.csv``/``.tsv`` or ``.jsonl``.
     3. A folder holding ``.tar`` files (top level): ``webdataset``; ``.parquet`` files:
        ``parquet``; otherwise ``folder`` (images with ``.txt`` captions).

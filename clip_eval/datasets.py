@@ -8,7 +8,8 @@ Built-ins (:data:`BUILTINS`):
   ``sketch``); ``reference`` is the default-style test split (robustness).
 * ``fashion-mnist-test``: Fashion-MNIST (Debian package ``dataset-fashion-mnist``).
 * ``tuxpaint``: Tux Paint stamps with their captions (retrieval; Debian package
-  ``tuxpaint-stamps-default``); labels are the stamp categories.
+  ``tuxpaint-stamps-default``); labels are the stamp categories. ``part: test`` keeps the
+  held-out stamps that the ``demo-mix`` corpus never trains on (``train``, ``all``).
 * ``sklearn-digits``: scikit-learn's 8x8 digits, upscaled to RGB.
 
 User datasets (anything else is a URI):
@@ -50,6 +51,7 @@ __all__ = [
     "EvalDataset",
     "MissingDatasetError",
     "Split",
+    "dataset_requirements",
     "load_dataset",
 ]
 
@@ -200,9 +202,10 @@ def _fashion(name: str, options: dict[str, Any]) -> EvalDataset:
 def _tuxpaint(name: str, options: dict[str, Any]) -> EvalDataset:
     from clip_data.corpora import TUXPAINT_ROOT, read_tuxpaint
 
-    o = _take(options, {"limit": None, "root": TUXPAINT_ROOT}, name)
+    o = _take(options, {"limit": None, "root": TUXPAINT_ROOT, "part": "all"}, name)
     limit = None if o["limit"] is None else int(o["limit"])
-    records = [r for r in read_tuxpaint(root=str(o["root"]), limit=limit) if r.caption]
+    stamps = read_tuxpaint(root=str(o["root"]), limit=limit, part=str(o["part"]))
+    records = [r for r in stamps if r.caption]
     categories = sorted({str(r.extra["category"]) for r in records})
     images: list[ImageLike] = [r.image for r in records if r.image is not None]
     labels = [categories.index(str(r.extra["category"])) for r in records]
@@ -398,6 +401,25 @@ def _user(uri: str, options: dict[str, Any]) -> EvalDataset:
         for s, (imgs, names) in splits.items()
     }
     return EvalDataset(uri, classnames, templates, built["test"], built.get("train"), options=o)
+
+
+def dataset_requirements(spec: str, options: dict[str, Any]) -> list[Callable[[], None]]:
+    """Checks of the system datasets the built-in ``spec`` reads, without loading them: each
+    raises :class:`MissingDatasetError` naming the install command (empty for other specs)."""
+    from clip_data.corpora import (
+        FASHION_MNIST_ROOT,
+        TUXPAINT_ROOT,
+        check_fashion_mnist,
+        check_tuxpaint,
+    )
+
+    if spec == "fashion-mnist-test":
+        root = str(options.get("root", FASHION_MNIST_ROOT))
+        return [lambda: check_fashion_mnist(root)]
+    if spec == "tuxpaint":
+        tux_root = str(options.get("root", TUXPAINT_ROOT))
+        return [lambda: check_tuxpaint(tux_root)]
+    return []
 
 
 def load_dataset(spec: str, **options: Any) -> EvalDataset:

@@ -55,7 +55,7 @@ def headline(record: Record) -> str:
         extra += "" if eff is None else f", matched at k={eff:.2f}"
         return f"top-1 by k {curve}{extra}"
     if task == "retrieval":
-        keys = [k for k in m if "_R@" in k]
+        keys = [k for k in m if "_R@" in k and not isinstance(m[k], dict)]
         return ", ".join(f"{k} {_pct(m[k])}" for k in keys)
     if task == "robustness":
         parts = [
@@ -67,16 +67,32 @@ def headline(record: Record) -> str:
     return json.dumps(m)[:120]
 
 
+def chance_text(record: Record) -> str:
+    """The chance level of a record's accuracies (percent): a random classifier over its
+    classes, or a random ranking for retrieval recall."""
+    m = record["metrics"]
+    if record["task"] == "retrieval":
+        chance = m.get("chance") or {}
+        shown = {k.split("_R@")[1]: v for k, v in chance.items() if k.startswith("image_to")}
+        other = {k.split("_R@")[1]: v for k, v in chance.items() if k.startswith("text_to")}
+        text = ", ".join(f"R@{k} {_pct(v)}" for k, v in shown.items())
+        if other and other != shown:
+            text += "; text->image " + ", ".join(f"R@{k} {_pct(v)}" for k, v in other.items())
+        return text or "-"
+    classes = record.get("classnames") or []
+    return _pct(1 / len(classes)) if classes else "-"
+
+
 def summary_markdown(records: Sequence[Record]) -> str:
-    """A markdown table: one row per record (model, dataset, task, result, seconds)."""
+    """A markdown table: one row per record (model, dataset, task, result, chance, seconds)."""
     lines = [
-        "| model | dataset | task | result (%) | seconds |",
-        "| --- | --- | --- | --- | ---: |",
+        "| model | dataset | task | result (%) | chance (%) | seconds |",
+        "| --- | --- | --- | --- | --- | ---: |",
     ]
     for r in records:
         lines.append(
             f"| {r['model']} | {r['dataset']} | {r['task']} | {headline(r)} | "
-            f"{r['timing']['seconds']:.1f} |"
+            f"{chance_text(r)} | {r['timing']['seconds']:.1f} |"
         )
     models = sorted({(r["model"], r["checkpoint_sha256"][:12]) for r in records})
     notes = [f"- `{name}`: weights sha256 `{sha}...`" for name, sha in models]

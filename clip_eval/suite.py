@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -196,13 +197,39 @@ def _split_digest(split: Split) -> str:
     return h.hexdigest()[:12]
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
+#: Interval between two progress lines when stderr is not a terminal, in seconds.
+PROGRESS_LINE_INTERVAL = 10.0
+
+
+class _Lines:
+    """Feature-extraction progress as plain lines on stderr (a log file, a pipe)."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.done = total, desc, 0
+        self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_LINE_INTERVAL:
+            self.last = now
+            pct = 100 * self.done / max(self.total, 1)
+            print(
+                f"eval {self.desc}: {self.done}/{self.total} images ({pct:.0f}%)", file=sys.stderr
+            )
+
+    def close(self) -> None:
+        """Nothing to clear: every line is complete."""
+
+
+def _progress(total: int, desc: str, enabled: bool | None) -> Any:
+    """A tqdm bar on a terminal, periodic lines otherwise; ``enabled=False``: nothing."""
+    if enabled is False:
         return None
-    try:
-        from tqdm import tqdm  # type: ignore[import-untyped]
-    except ImportError:
-        return None
+    if not sys.stderr.isatty():
+        return _Lines(total, desc)
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
     return tqdm(total=total, desc=desc, unit="img", leave=False)
 
 
@@ -212,7 +239,7 @@ class Runner:
 
     model: EvalModel
     cache_dir: Path | None = None
-    progress: bool = False
+    progress: bool | None = False
     classifiers: ClassifierCache = field(default_factory=ClassifierCache)
     cache_hits: int = 0
     cache_misses: int = 0
@@ -372,7 +399,7 @@ def _few_shot(run: Runner, ds: EvalDataset, task: Task) -> dict[str, Any]:
 
 
 def _retrieval(run: Runner, ds: EvalDataset, task: Task) -> dict[str, Any]:
-    from clip_core.retrieval import flatten_captions, retrieval_recall
+    from clip_core.retrieval import flatten_captions, recall_chance, retrieval_recall
 
     if ds.test.captions is None:
         raise SuiteError(f"dataset {ds.name!r} has no captions for retrieval")
@@ -390,6 +417,11 @@ def _retrieval(run: Runner, ds: EvalDataset, task: Task) -> dict[str, Any]:
         torch.from_numpy(emb), text_emb, owners, ks=[int(k) for k in task.options["ks"]]
     )
     metrics_any: dict[str, Any] = {**metrics, "images": len(ds.test), "captions": len(texts)}
+    per_image = max(round(len(texts) / max(len(ds.test), 1)), 1)  # captions per image
+    metrics_any["chance"] = {
+        f"image_to_text_R@{k}": recall_chance(len(texts), min(per_image, len(texts)), int(k))
+        for k in task.options["ks"]
+    } | {f"text_to_image_R@{k}": recall_chance(len(ds.test), 1, int(k)) for k in task.options["ks"]}
     return {"metrics": metrics_any, "templates": [], "images": len(ds.test)}
 
 
@@ -445,10 +477,14 @@ def run_suite(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every task of ``suite`` on the model; one JSON-able record per task.
+
+    ``progress``: ``None`` or ``True``: a bar on a terminal, else a line on stderr every
+    ``PROGRESS_LINE_INTERVAL`` s of feature extraction and one per finished task;
+    ``False``: quiet.
 
     Record keys: ``suite``, ``dataset``, ``dataset_options``, ``model``, ``checkpoint_sha256``,
     ``task``, ``options``, ``metrics``, ``classnames``, ``templates``, ``timing`` (``seconds``,
@@ -492,6 +528,12 @@ def run_suite(
             },
         }
         records.append(record)
+        if progress is not False and not sys.stderr.isatty():
+            print(
+                f"eval {len(records)}/{len(parsed.tasks)} {task.dataset} {task.task}: "
+                f"{seconds:.1f} s",
+                file=sys.stderr,
+            )
         if on_record is not None:
             on_record(record)
     return records

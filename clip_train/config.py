@@ -123,6 +123,10 @@ class TrackingSection:
     experiment: str | None = None  # None: one experiment per model family
     log_every: int = 10
     system_metrics: bool = True
+    # The driver prints a progress line (step/total, epoch, loss, pairs/s, ETA) every
+    # ``progress_every`` steps and at least every ``progress_seconds`` seconds.
+    progress_every: int = 20
+    progress_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,12 @@ def _validate(cfg: RunConfig) -> None:
         raise RunConfigError("optim.epochs and optim.max_steps must be >= 1")
     if optim.warmup_steps < 0 or optim.lr <= 0:
         raise RunConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+    t = cfg.tracking
+    if t.log_every < 1 or t.progress_every < 1 or t.progress_seconds <= 0:
+        raise RunConfigError(
+            "tracking.log_every and tracking.progress_every must be >= 1, "
+            "tracking.progress_seconds > 0"
+        )
 
 
 # GPU types (Ray accelerator_type names) without bf16 tensor cores: they train in fp16.

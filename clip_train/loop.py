@@ -252,7 +252,7 @@ def _train_epoch(
         }
         if result.grad_norm is not None:
             metrics["train/grad_norm"] = result.grad_norm
-        if progress.step % cfg.tracking.log_every == 0 or progress.step == 1:
+        if progress.step % cfg.tracking.log_every == 0 or progress.step in (1, job.total_steps):
             logger.log(metrics, progress.step)
         if progress.step % cfg.checkpoint.every_steps == 0 and progress.step < job.total_steps:
             _report(

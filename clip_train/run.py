@@ -33,6 +33,7 @@ from clip_train.data import (
     split_rows,
 )
 from clip_train.loop import JobSpec, train_loop_per_worker
+from clip_train.progress import ProgressReporter
 from clip_train.provenance import code_version, seed_everything
 from clip_train.state import TrainCheckpointError, load_train_state
 from clip_train.tracking import TrackingTarget, experiment_name, open_run, resolve_tracking_uri
@@ -284,8 +285,18 @@ def train(
         f"mlflow run {target.run_id}"
     )
     dataset = training_dataset(cfg, job, urls)
+    reporter = ProgressReporter(
+        target,
+        total_steps=job.total_steps,
+        steps_per_epoch=job.steps_per_epoch,
+        global_batch=cfg.data.global_batch_size,
+        every_steps=cfg.tracking.progress_every,
+        every_seconds=cfg.tracking.progress_seconds,
+        log=log,
+    )
     try:
-        result = _trainer(cfg, job, dataset).fit()
+        with reporter:
+            result = _trainer(cfg, job, dataset).fit()
     except Exception as exc:
         from clip_train.tracking import finish_run
 

@@ -17,15 +17,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flows.defaults import DEMO_SOURCE, DEMO_SUITE
+from flows.defaults import DEMO_EPOCHS, DEMO_SOURCE, DEMO_SUITE
 
 
-def demo_source(train_samples: int, seed: int) -> str:
-    """The demo corpus with ``train_samples`` training pairs (test split: a quarter)."""
-    if train_samples == 2048 and seed == 0:
-        return DEMO_SOURCE
-    test = max(train_samples // 4, 8)
-    return f"synthetic:train={train_samples},test={test},seed={seed},image_size=64"
+def demo_source(
+    train_samples: int, seed: int, *, fashion: bool = True, tuxpaint: bool = True
+) -> str:
+    """The demo mix with ``train_samples`` synthetic training pairs (held out: 512, or a
+    quarter when another size is asked); ``fashion`` / ``tuxpaint`` False leave those out."""
+    options = dict(item.split("=", 1) for item in DEMO_SOURCE.split(":", 1)[1].split(","))
+    if train_samples != int(options["synthetic"]):
+        options["synthetic_test"] = str(max(train_samples // 4, 8))
+    options |= {"synthetic": str(train_samples), "seed": str(seed)}
+    options["fashion"] = options["fashion"] if fashion else "0"
+    options["tuxpaint"] = options["tuxpaint"] if tuxpaint else "0"
+    return "demo-mix:" + ",".join(f"{key}={value}" for key, value in options.items())
 
 
 def prefect_defaults() -> None:
@@ -73,6 +79,39 @@ def where_everything_is(result: dict[str, Any], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _available_only(suite: str, out_dir: str, log: Callable[[str], None]) -> tuple[str, bool, bool]:
+    """A copy of ``suite`` without the tasks whose system datasets are missing, and whether
+    Fashion-MNIST and the Tux Paint stamps are installed (one line says what is left out)."""
+    import yaml
+
+    from clip_core.yamlio import load_yaml
+    from clip_data.corpora import check_fashion_mnist, check_tuxpaint
+    from clip_data.errors import MissingDatasetError
+    from clip_eval.datasets import dataset_requirements
+
+    def installed(check: Callable[[], None]) -> bool:
+        try:
+            check()
+        except MissingDatasetError as exc:
+            log(f"demo: running without it: {exc}")
+            return False
+        return True
+
+    fashion, tuxpaint = installed(check_fashion_mnist), installed(check_tuxpaint)
+    raw = load_yaml(Path(suite).read_text(encoding="utf-8"))
+    kept = []
+    for task in raw.get("tasks", []):
+        try:
+            for check in dataset_requirements(task["dataset"], task.get("dataset_options") or {}):
+                check()
+        except MissingDatasetError:
+            continue
+        kept.append(task)
+    path = Path(out_dir) / "suite-without-missing-datasets.yaml"
+    path.write_text(yaml.safe_dump({**raw, "tasks": kept}, sort_keys=False), encoding="utf-8")
+    return str(path), fashion, tuxpaint
+
+
 def run_demo_chain(
     out_dir: str = "runs/demo",
     *,
@@ -80,19 +119,39 @@ def run_demo_chain(
     train_samples: int = 2048,
     seed: int = 0,
     suite: str = DEMO_SUITE,
+    skip_missing_datasets: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the pretrain flow on the embedded defaults; returns the flow's result."""
+    """Run the pretrain flow on the embedded defaults; returns the flow's result.
+
+    Every prerequisite is checked first (:mod:`flows.preflight`): a missing one raises
+    :class:`flows.preflight.PreflightError` before any work. With ``skip_missing_datasets``
+    a missing Fashion-MNIST or Tux Paint package instead leaves its training images and
+    evaluation rows out, said in one line before anything runs.
+    """
+    from flows.preflight import (
+        PreflightError,
+        dataset_problems,
+        environment_prerequisites,
+        preflight,
+    )
+
+    fashion = tuxpaint = True
+    if skip_missing_datasets and dataset_problems(demo_source(train_samples, seed), suite):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        suite, fashion, tuxpaint = _available_only(suite, out_dir, log)
+    source = demo_source(train_samples, seed, fashion=fashion, tuxpaint=tuxpaint)
+    problems = preflight(environment_prerequisites(source, suite, out_dir))
+    if problems:
+        raise PreflightError(problems[0] if len(problems) == 1 else "; ".join(problems))
     prefect_defaults()
     from flows.pretrain import pretrain
 
-    overrides = [f"seed={seed}"]
-    if epochs is not None:
-        overrides.append(f"optim.epochs={epochs}")
+    overrides = [f"seed={seed}", f"optim.epochs={epochs or DEMO_EPOCHS}"]
     started = time.time()
     result: dict[str, Any] = pretrain(
         recipe="tiny",
-        source=demo_source(train_samples, seed),
+        source=source,
         suite=suite,
         overrides=overrides,
         out_dir=out_dir,

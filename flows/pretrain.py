@@ -66,6 +66,19 @@ def train_overrides(
     return out + list(extra)
 
 
+def _check_prerequisites(
+    source: str | None, suite: str, out: Path, tracking_uri: str | None
+) -> None:
+    """Fail before any work when a dataset, the output folder or MLflow is not usable."""
+    from clip_train.tracking import resolve_tracking_uri
+    from flows.preflight import PreflightError, Prerequisites, preflight
+
+    needs = Prerequisites(source, suite, str(out), resolve_tracking_uri(tracking_uri))
+    problems = preflight(needs)
+    if problems:
+        raise PreflightError("; ".join(problems))
+
+
 def _data_stage(source: str | None, shards: str | None, out: Path) -> str | None:
     """Ingest (when a source is given) and validate; returns the shard location."""
     if source:
@@ -170,7 +183,7 @@ def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
     """
     name = run_name or default_run_name(recipe)
     out = Path(out_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
+    _check_prerequisites(source, suite, out, tracking_uri)
     shard_dir = _data_stage(source, shards, out)
     sets = train_overrides(
         shards=shard_dir,

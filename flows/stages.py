@@ -10,7 +10,10 @@ are imported inside the tasks.
 
 from __future__ import annotations
 
+import logging
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,28 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from clip_eval.metrics import eval_metrics
+
+
+def stdout_and_run_log() -> Callable[[str], None]:
+    """A ``log`` for the current task that any thread may call: each line goes to stdout and,
+    through Prefect's API handler alone (not its console handler), to the task run's logs."""
+    from prefect.logging import get_run_logger
+    from prefect.logging.handlers import APILogHandler
+
+    run_logger = get_run_logger()
+    api_only = logging.getLogger("clipops.flows.progress")
+    if not any(isinstance(h, APILogHandler) for h in api_only.handlers):
+        api_only.addHandler(APILogHandler())
+        api_only.setLevel(logging.INFO)
+        api_only.propagate = False
+    adapter = logging.LoggerAdapter(api_only, dict(getattr(run_logger, "extra", {}) or {}))
+
+    def log(line: str) -> None:
+        sys.stdout.write(line + "\n")  # not print(): Prefect's log_prints would log it twice
+        sys.stdout.flush()
+        adapter.info(line)
+
+    return log
 
 
 def transient(_task: Any, _run: Any, state: Any) -> bool:
@@ -38,9 +63,7 @@ def ingest_source(
     """``clipops ingest SOURCE DEST``: Parquet shards + quarantine + manifest; the manifest."""
     from clip_data.ingest import IngestConfig, ingest
 
-    manifest = ingest(
-        source, dest, IngestConfig(workers=workers), progress=False, **(options or {})
-    )
+    manifest = ingest(source, dest, IngestConfig(workers=workers), progress=None, **(options or {}))
     return dict(manifest)
 
 
@@ -77,7 +100,7 @@ def train_model(recipe: str, overrides: list[str]) -> dict[str, Any]:
     cfg = load_run_config(recipe, overrides)
     started_here = not ray.is_initialized()
     try:
-        result = train(cfg)
+        result = train(cfg, log=stdout_and_run_log())
     finally:
         if started_here and ray.is_initialized():
             ray.shutdown()
@@ -133,7 +156,7 @@ def evaluate_model(
         import torch
 
         torch.set_num_threads(threads)
-    records = run_suite(model, load_suite(suite), cache_dir=cache_dir)
+    records = run_suite(model, load_suite(suite), cache_dir=cache_dir, progress=None)
     written = write_report(records, out_dir)
     return {
         "records": records,

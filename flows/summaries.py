@@ -101,14 +101,15 @@ def training_markdown(info: Mapping[str, Any], losses: Sequence[tuple[int, float
 
 
 def eval_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One table row per record: dataset, task, headline result, seconds."""
-    from clip_eval.report import headline
+    """One table row per record: dataset, task, headline result, chance level, seconds."""
+    from clip_eval.report import chance_text, headline
 
     return [
         {
             "dataset": r["dataset"],
             "task": r["task"],
             "result (%)": headline(dict(r)),
+            "chance (%)": chance_text(dict(r)),
             "seconds": round(float(r["timing"]["seconds"]), 1),
         }
         for r in records

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_core.retrieval import flatten_captions, retrieval_recall
+from clip_core.retrieval import flatten_captions, recall_chance, retrieval_recall
 
 
 def brute_force(
@@ -72,3 +72,20 @@ def test_flatten_and_validation() -> None:
         retrieval_recall(torch.randn(3, 4), torch.randn(2, 4), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="one entry per caption"):
         retrieval_recall(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0]))
+
+
+def test_recall_chance_is_a_random_rankings_recall() -> None:
+    import math
+
+    assert recall_chance(100, 1, 5) == pytest.approx(0.05)
+    assert recall_chance(10, 10, 1) == 1.0 and recall_chance(10, 1, 20) == 1.0
+    exact = 1 - math.comb(98, 5) / math.comb(100, 5)
+    assert recall_chance(100, 2, 5) == pytest.approx(exact)
+    gen = torch.Generator().manual_seed(0)  # and what random embeddings actually score
+    hits = 0
+    for _ in range(200):
+        ranks = torch.randperm(40, generator=gen)[:3]  # 3 relevant of 40, top 4 taken
+        hits += int((ranks < 4).any())
+    assert abs(hits / 200 - recall_chance(40, 3, 4)) < 0.1
+    with pytest.raises(ValueError, match="relevant"):
+        recall_chance(5, 0, 1)

@@ -55,6 +55,29 @@ def test_summary_and_effective_robustness() -> None:
     assert effective_robustness_table(records[:3]) == {}  # one model: no trend
 
 
+def test_every_accuracy_has_its_chance_level_beside_it() -> None:
+    retrieval: dict[str, Any] = {
+        "image_to_text_R@1": 0.2,
+        "image_to_text_R@5": 0.5,
+        "text_to_image_R@1": 0.1,
+    }
+    retrieval |= {"images": 50, "captions": 100}
+    retrieval["chance"] = {"image_to_text_R@1": 0.04, "image_to_text_R@5": 0.19}
+    retrieval["chance"] |= {"text_to_image_R@1": 0.02}
+    records = [*_records(), _record("m1", "retrieval", retrieval)]
+    text = summary_markdown(records)
+    assert "| result (%) | chance (%) | seconds |" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| m1 ", "| m2 ", "| m3 "))]
+    assert len(rows) == len(records)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if cells[2] == "retrieval":
+            assert cells[4] == "R@1 4.0, R@5 19.0; text->image R@1 2.0", cells
+            assert "image_to_text_R@5 50.0" in cells[3] and "chance" not in cells[3]
+        else:
+            assert cells[4] == "50.0", cells  # two classes
+
+
 def test_write_report_with_and_without_matplotlib(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -145,6 +145,12 @@ def test_deployments_run_on_a_process_worker(prefect: Prefect, tmp_path: Path) -
     assert expected <= set(arts), sorted(arts)
     assert "| 576 | 576 | 0 | 0 |" in arts["pretrain-data"]["data"]
     assert "4 |" in arts["pretrain-training"]["data"]  # 4 optimiser steps
+    logs = prefect.post(
+        "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 200}
+    )
+    progress = [g["message"] for g in logs if g["message"].startswith("train step ")]
+    assert progress and progress[-1].startswith("train step 4/4 (100%) epoch 1/1 loss "), progress
+    assert " pairs/s " in progress[-1] and " ETA " in progress[-1]
     table = json.loads(arts["pretrain-eval"]["data"])
     assert {(r["dataset"], r["task"]) for r in table} == {
         ("synthetic-test", "zero_shot"),

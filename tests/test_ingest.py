@@ -254,29 +254,42 @@ class FakeTTY(io.StringIO):
         return True
 
 
-def test_progress_quiet_unless_tty_or_forced(
+def test_progress_lines_without_a_terminal_redrawn_on_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = IngestConfig(max_bad_fraction=1.0, workers=1)
-    ingest_records(cheap_records(50), tmp_path / "a", config)  # progress=None, not a TTY
+    ingest_records(cheap_records(50), tmp_path / "q", config, progress=False)
     assert capsys.readouterr().err == ""
 
     ingest_records(cheap_records(50), tmp_path / "b", config, progress=True)
     err = capsys.readouterr().err
     assert "50 rows read" in err and "50 quarantined" in err and "rows/s" in err
-    assert err.endswith("\n") and err.count("\n") == 1  # one line, redrawn in place
+    assert err.endswith("\n") and err.count("\n") == 1 and "\r" not in err  # a fast run: one
 
-    tty = FakeTTY()
-    monkeypatch.setattr("sys.stderr", tty)
     clock = [0.0]
     monkeypatch.setattr(ingest_module.time, "monotonic", lambda: clock[0])
 
-    def ticking() -> Iterator[RawRecord]:
+    def ticking(n: int) -> Iterator[RawRecord]:
+        for i, record in enumerate(cheap_records(n), start=1):
+            clock[0] = i  # row i is read (and, in-process, written) at i s
+            yield record
+
+    ingest_records(ticking(35), tmp_path / "a", config)  # progress=None, stderr not a TTY
+    lines = capsys.readouterr().err.splitlines()
+    # a line every 10 s (rows 10, 20, 30), then the closing line: plain lines for a log file
+    assert [int(line.split(" rows read")[0].split()[-1]) for line in lines] == [10, 20, 30, 35]
+    assert lines[-1].endswith(" rows/s, 35.0 s")
+
+    tty = FakeTTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    clock[0] = 0.0
+
+    def ticking_tty() -> Iterator[RawRecord]:
         for i, record in enumerate(cheap_records(40), start=1):
             clock[0] = i / 10  # row i is read (and, in-process, written) at 0.1 * i s
             yield record
 
-    ingest_records(ticking(), tmp_path / "c", config)  # progress=None and stderr is a TTY
+    ingest_records(ticking_tty(), tmp_path / "c", config)  # progress=None and stderr is a TTY
     shown = tty.getvalue()
     # redrawn at most every 0.25 s: rows 1, 4, 7, ..., 40, then the final line
     drawn = [int(part.split(" rows read")[0].split()[-1]) for part in shown.split("\r")[1:]]

@@ -19,7 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clip_data.corpora import FASHION_MNIST_CLASSES, fashion_mnist_sizes
+from clip_data.corpora import (
+    FASHION_MNIST_CLASSES,
+    FASHION_NAMES,
+    fashion_caption,
+    fashion_mnist_sizes,
+)
 from clip_data.errors import MissingDatasetError, SourceError
 from clip_data.records import RawRecord
 from clip_data.sources import SOURCE_KINDS, detect_kind, open_source, read_tar_stream
@@ -312,7 +317,9 @@ def test_fashion_mnist() -> None:
     for record in records:
         name = FASHION_MNIST_CLASSES[record.extra["label"]]
         assert record.extra["class"] == name and record.caption is not None
-        assert name.lower().encode() in record.caption
+        label = record.extra["label"]
+        assert record.caption == fashion_caption(int(record.key[-5:]), label).encode()
+        assert any(n.encode() in record.caption for n in FASHION_NAMES[label])
     assert len({r.caption for r in records}) > 5  # varied templates
     assert records[0].image is not None
     image = Image.open(io.BytesIO(records[0].image))
@@ -357,7 +364,7 @@ def test_tuxpaint_fake_tree(tmp_path: Path) -> None:
 def test_dispatch_errors(tmp_path: Path) -> None:
     assert set(SOURCE_KINDS) == {
         *("folder", "csv", "jsonl", "webdataset"),
-        *("parquet", "synthetic", "fashion-mnist", "tuxpaint"),
+        *("parquet", "synthetic", "fashion-mnist", "tuxpaint", "demo-mix"),
     }
     with pytest.raises(SourceError, match="unknown source kind 'zip'"):
         open_source(str(tmp_path), kind="zip")

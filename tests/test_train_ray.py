@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -128,7 +129,7 @@ def _metric(root: Path, key: str) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Run, kill a worker, kill the driver, rerun; yields (root, final stdout)."""
+    """Run, kill a worker, kill the driver, rerun; yields (root, result, killed step, stdout)."""
     root = tmp_path_factory.mktemp("ray")
     run_dir = root / "runs" / "resume-test"
     ray_tmp = Path(tempfile.mkdtemp(prefix="/tmp/rt-"))  # this test's Ray sessions, short paths
@@ -163,12 +164,12 @@ def killed_and_resumed(shards: Path, tmp_path_factory: pytest.TempPathFactory) -
         _kill_leftovers(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    yield root, json.loads(done.stdout[done.stdout.index("{") :]), killed_at
+    yield root, json.loads(done.stdout[done.stdout.index("{") :]), killed_at, done.stdout
 
 
 def test_resumes_to_exactly_the_configured_steps(killed_and_resumed: Any) -> None:
     """Final progress and AdamW's own step counter both equal the configured total."""
-    root, result, _ = killed_and_resumed
+    root, result, _, _ = killed_and_resumed
     assert result["steps"] == TOTAL
     assert result["samples_seen"] == TOTAL * BATCH
     run_dir = root / "runs" / "resume-test"
@@ -184,10 +185,24 @@ def test_resumes_to_exactly_the_configured_steps(killed_and_resumed: Any) -> Non
     assert _registered_steps(run_dir) == [TOTAL - EVERY, TOTAL]  # checkpoint.keep = 2
 
 
+def test_progress_lines_are_printed_without_a_terminal(killed_and_resumed: Any) -> None:
+    """The resumed run's stdout (a pipe, not a TTY) carries the driver's progress lines."""
+    _, _, killed_at, stdout = killed_and_resumed
+    pattern = re.compile(
+        rf"^train step (\d+)/{TOTAL} \(\d+%\) epoch \d+/{EPOCHS} loss \d+\.\d+ "
+        r"pairs/s (\d+|-) ETA (\S+)$"
+    )
+    steps = [int(m.group(1)) for m in map(pattern.match, stdout.splitlines()) if m]
+    assert steps, stdout[-2000:]
+    assert steps == sorted(steps) and steps[-1] == TOTAL, steps  # the last line: the end
+    assert all(s > killed_at for s in steps), (steps, killed_at)  # after the resume only
+    assert len(steps) >= 2  # every progress_every (20) steps, and at the end
+
+
 def test_loss_curve_continues_from_checkpoints(killed_and_resumed: Any) -> None:
     """Each restart resumes from a checkpoint step > 0, and its first loss is far below the
     loss of step 1 (a restart from scratch would be back near log(batch))."""
-    root, _, killed_at = killed_and_resumed
+    root, _, killed_at, _ = killed_and_resumed
     resumes = [int(v) for _, v in _metric(root, "train/resume_step")]
     assert resumes[0] == 0
     assert len(resumes) >= 3, resumes  # start, worker restart, driver rerun
@@ -203,7 +218,7 @@ def test_trained_model_beats_chance_on_held_out_data(killed_and_resumed: Any, sh
     """Zero-shot colour classification on the test split >= 3x chance."""
     from train_workers import zero_shot_synthetic
 
-    _, result, _ = killed_and_resumed
+    _, result, _, _ = killed_and_resumed
     loaded = load_checkpoint(result["final_model"])
     assert loaded.tokenizer is not None
     test = [r for r in iter_rows(shards) if r["split"] == "test"]
@@ -216,7 +231,7 @@ def test_corrupt_checkpoint_fails_with_the_file_named(
     killed_and_resumed: Any, shards: Path
 ) -> None:
     """--resume-from a checkpoint with a corrupt state file: exit 2, the path in the error."""
-    root, _, _ = killed_and_resumed
+    root, _, _, _ = killed_and_resumed
     run_dir = root / "runs" / "resume-test"
     bad = root / "bad-checkpoint"
     shutil.copytree(_checkpoint_dirs(run_dir)[0], bad)
@@ -236,7 +251,7 @@ def test_mlflow_run_has_config_lineage_and_final_model(killed_and_resumed: Any) 
     """One MLflow run across both attempts: params, lineage tags, metrics, final weights."""
     from mlflow.tracking import MlflowClient
 
-    root, result, _ = killed_and_resumed
+    root, result, _, _ = killed_and_resumed
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
