@@ -53,7 +53,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import prefect_defaults, run_demo_chain
 
     prefect_defaults()  # before Prefect is imported
-    if (args.epochs is not None and args.epochs < 1) or args.train_samples < 128:
+    if (args.epochs is not None and args.epochs < 1) or (args.train_samples or 128) < 128:
         print("clipops demo: --epochs must be >= 1 and --train-samples >= 128", file=sys.stderr)
         return 2
     from flows.preflight import PreflightError
@@ -233,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job: the full pretrain flow (ingest, validate, Ray Train, eval, registry)",
     )
     p.add_argument("--out", default="runs/demo", help="run directories (default: runs/demo)")
-    p.add_argument("--epochs", type=int, default=None, help="default: 3 (flows.defaults)")
-    p.add_argument("--train-samples", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=None, help="default: the demo recipe's (3)")
+    p.add_argument(
+        "--train-samples", type=int, default=None, help="synthetic pairs in the mix (6144)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suite", default=None, help="eval suite YAML (default: configs/demo-suite)")
     p.add_argument(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import heapq
 import io
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -319,27 +320,29 @@ def read_demo_mix(
         check_fashion_mnist(fashion_root)  # before any work: a missing package fails at once
     if use_tux:
         check_tuxpaint(tuxpaint_root)
-    streams: list[list[RawRecord]] = []
+    streams: list[tuple[int, Iterator[RawRecord]]] = []  # (length, lazy records)
     if n_syn or n_test:
         spec = f"synthetic:train={n_syn},test={n_test},seed={seed},image_size=64"
-        streams.append([dataclasses.replace(r, source=uri) for r in read_synthetic(spec)])
+        synthetic_records = (dataclasses.replace(r, source=uri) for r in read_synthetic(spec))
+        streams.append((n_syn + n_test, synthetic_records))
     if n_fashion:
-        records = read_fashion_mnist(uri, root=fashion_root, splits=("train",), limit=n_fashion)
-        streams.append(list(records))
-    if use_tux:
-        stamps = list(read_tuxpaint(uri, root=tuxpaint_root, part="train"))
-        streams.append(
-            [
-                dataclasses.replace(
-                    r,
-                    key=f"tuxpaint/{r.key}" + (f"@{v}" if v else ""),
-                    image=_stamp_view(r.image, v),
-                )
-                for v in range(use_tux)
-                for r in stamps
-            ]
+        available = fashion_mnist_sizes(fashion_root)["train"]
+        fashion_records = read_fashion_mnist(
+            uri, root=fashion_root, splits=("train",), limit=n_fashion
         )
+        streams.append((min(n_fashion, available), fashion_records))
+    if use_tux:
+        count = sum(1 for _ in read_tuxpaint(uri, root=tuxpaint_root, part="train", flatten=False))
+        streams.append((count * use_tux, _stamp_views(uri, tuxpaint_root, use_tux)))
     yield from _interleave(streams)
+
+
+def _stamp_views(uri: str, root: str, views: int) -> Iterator[RawRecord]:
+    """The training stamps in ``views`` views each: all of view 0, then all of view 1, ..."""
+    for view in range(views):
+        for r in read_tuxpaint(uri, root=root, part="train"):
+            key = f"tuxpaint/{r.key}" + (f"@{view}" if view else "")
+            yield dataclasses.replace(r, key=key, image=_stamp_view(r.image, view))
 
 
 def _stamp_view(image: bytes | None, view: int) -> bytes | None:
@@ -365,15 +368,20 @@ def _stamp_view(image: bytes | None, view: int) -> bytes | None:
     return encode_png(picture)
 
 
-def _interleave(streams: Sequence[Sequence[RawRecord]]) -> Iterator[RawRecord]:
-    """Merge the lists so that each is spread evenly over the output (stable, deterministic)."""
-    placed = [
-        ((position + 0.5) / len(stream), which, position)
-        for which, stream in enumerate(streams)
-        for position in range(len(stream))
-    ]
-    for _, which, position in sorted(placed):
-        yield streams[which][position]
+def _interleave(streams: Sequence[tuple[int, Iterator[RawRecord]]]) -> Iterator[RawRecord]:
+    """Merge lazy streams of known lengths so that each is spread evenly over the output:
+    record ``i`` of a stream of ``n`` is placed at ``(i + 0.5) / n`` (ties: stream order)."""
+    heap = [(0.5 / n, which, 0) for which, (n, _) in enumerate(streams) if n > 0]
+    heapq.heapify(heap)
+    while heap:
+        _, which, position = heapq.heappop(heap)
+        length, records = streams[which]
+        record = next(records, None)
+        if record is None:
+            raise SourceError(f"demo-mix: stream {which} ended after {position} of {length} rows")
+        yield record
+        if position + 1 < length:
+            heapq.heappush(heap, ((position + 1.5) / length, which, position + 1))
 
 
 def _flatten_on_white(data: bytes) -> bytes:

@@ -11,6 +11,7 @@ checkpoint, up to ``infra.max_failures`` times.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -231,6 +232,17 @@ def _root_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
+#: Ray features a local, one-machine cluster has no use for, and their cost: prestarted idle
+#: worker processes, Train's preemption watcher (node draining) and Train's Prometheus
+#: metrics. ~17 CPU-s less per training start (BENCHMARKS.md, "Test suite"); a cluster that is
+#: joined (``infra.ray_address``) is left as its operator configured it.
+LOCAL_CLUSTER_ENV = {
+    "RAY_prestart_worker_first_driver": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
+
 class ClusterError(RuntimeError):
     """The configured Ray cluster cannot be joined (address, token authentication)."""
 
@@ -242,6 +254,9 @@ def _connect(cfg: RunConfig, log: Callable[[str], None]) -> None:
     if ray.is_initialized():
         return
     where = cfg.infra.ray_address
+    if not where:
+        for key, value in LOCAL_CLUSTER_ENV.items():
+            os.environ.setdefault(key, value)  # the environment wins: set one to turn it back on
     try:
         ray.init(
             address=where or "local",  # never join a stranger's cluster by accident

@@ -21,7 +21,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import stages
-from flows.defaults import DEMO_SOURCE
+from flows.defaults import DEMO_RECIPE, DEMO_SOURCE
 from flows.summaries import (
     data_markdown,
     eval_rows,
@@ -139,7 +139,7 @@ def _register_stage(
 
 @flow(name="pretrain", log_prints=True)
 def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
-    recipe: str = "tiny",
+    recipe: str = DEMO_RECIPE,
     source: str | None = DEMO_SOURCE,
     shards: str | None = None,
     suite: str = "default",

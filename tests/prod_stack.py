@@ -35,17 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clip_train.run import LOCAL_CLUSTER_ENV
+
 PG_BIN = Path(os.environ.get("CLIPOPS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_USER = "clipops"
-# Ray features that cost CPU-seconds per cluster or training run and that no test exercises:
-# prestarted idle workers, Train's preemption watcher (node draining) and Train's Prometheus
-# metrics. For the environment of drivers and of the clusters they start or join: ~17 CPU-s
-# less per 4-step tiny training (BENCHMARKS.md, "Test suite").
-RAY_LEAN_ENV = {
-    "RAY_prestart_worker_first_driver": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_METRICS_ENABLED": "0",
-}
+# Ray features that cost CPU-seconds per cluster or training run and that no test exercises
+# (clip_train.run.LOCAL_CLUSTER_ENV, which a local cluster gets by default): for the
+# environment of drivers and of the clusters they start or join (`ray start` clusters too).
+RAY_LEAN_ENV = dict(LOCAL_CLUSTER_ENV)
 
 
 def free_port() -> int:

@@ -226,11 +226,11 @@ def test_demo_closing_text_names_every_place(tmp_path: Path) -> None:
     from flows.defaults import DEMO_SOURCE
     from flows.demo import demo_source, where_everything_is
 
-    assert demo_source(2048, 0) == DEMO_SOURCE
+    assert demo_source(None, 0) == DEMO_SOURCE == demo_source(6144, 0)
     assert demo_source(256, 3).startswith("demo-mix:synthetic=256,synthetic_test=64,")
     assert demo_source(256, 3).endswith(",seed=3")
-    assert "fashion=0" in demo_source(2048, 0, fashion=False)
-    assert "tuxpaint=0" in demo_source(2048, 0, tuxpaint=False)
+    assert "fashion=0" in demo_source(None, 0, fashion=False)
+    assert "tuxpaint=0" in demo_source(None, 0, tuxpaint=False)
     summary = tmp_path / "summary.md"
     summary.write_text("| model | dataset |\n")
     text = where_everything_is(
