@@ -90,24 +90,28 @@ def _available_only(suite: str, out_dir: str, log: Callable[[str], None]) -> tup
     from clip_data.errors import MissingDatasetError
     from clip_eval.datasets import dataset_requirements
 
+    missing: list[str] = []
+
     def installed(check: Callable[[], None]) -> bool:
         try:
             check()
         except MissingDatasetError as exc:
-            log(f"demo: running without it: {exc}")
+            missing.append(str(exc))
             return False
         return True
 
     fashion, tuxpaint = installed(check_fashion_mnist), installed(check_tuxpaint)
     raw = load_yaml(Path(suite).read_text(encoding="utf-8"))
-    kept = []
+    kept, dropped = [], []
     for task in raw.get("tasks", []):
-        try:
-            for check in dataset_requirements(task["dataset"], task.get("dataset_options") or {}):
-                check()
-        except MissingDatasetError:
-            continue
-        kept.append(task)
+        checks = dataset_requirements(task["dataset"], task.get("dataset_options") or {})
+        (kept if all(installed(check) for check in checks) else dropped).append(task)
+    names = sorted({f"{t['dataset']} {t['task']}" for t in dropped})
+    log(
+        f"demo: running without {', '.join(names) or 'no evaluation row'}"
+        f"{'' if fashion and tuxpaint else ' and their training images'}: "
+        + "; ".join(dict.fromkeys(missing))
+    )
     path = Path(out_dir) / "suite-without-missing-datasets.yaml"
     path.write_text(yaml.safe_dump({**raw, "tasks": kept}, sort_keys=False), encoding="utf-8")
     return str(path), fashion, tuxpaint

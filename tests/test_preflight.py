@@ -100,6 +100,11 @@ def test_skip_missing_datasets_says_so_first_and_drops_those_rows(tmp_path: Path
     lines: list[str] = []
     path, fashion, tuxpaint = _available_only(str(suite), str(tmp_path), lines.append)
     assert (fashion, tuxpaint) == (True, True)  # installed; only the suite's root is wrong
+    (line,) = lines  # said once, before anything runs
+    assert line.startswith("demo: running without fashion-mnist-test linear_probe, ")
+    assert (
+        "fashion-mnist-test zero_shot" in line and "apt-get install dataset-fashion-mnist" in line
+    )
     text = Path(path).read_text(encoding="utf-8")
     assert "fashion-mnist-test" not in text and "synthetic-test" in text and "tuxpaint" in text
     assert dataset_problems(None, path) == []
