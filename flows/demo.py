@@ -102,7 +102,8 @@ def _available_only(suite: str, out_dir: str, log: Callable[[str], None]) -> tup
 
     fashion, tuxpaint = installed(check_fashion_mnist), installed(check_tuxpaint)
     raw = load_yaml(Path(suite).read_text(encoding="utf-8"))
-    kept, dropped = [], []
+    kept: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
     for task in raw.get("tasks", []):
         checks = dataset_requirements(task["dataset"], task.get("dataset_options") or {})
         (kept if all(installed(check) for check in checks) else dropped).append(task)
