@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from clip_core.registry import list_models
+from clip_core.registry import get_model_config, list_models
 from clip_train.config import (
     RECIPE_DIR,
     RunConfig,
@@ -28,12 +28,23 @@ def test_all_recipes_are_bundled_and_load() -> None:
 
 @pytest.mark.parametrize("name", PRODUCTION)
 def test_production_recipes_carry_the_paper_numbers(name: str) -> None:
-    """Global batch 32,768, 32 epochs, wd 0.2, warmup 2,000, Adam (0.9, 0.98, 1e-6), bf16."""
+    """Global batch 32,768, 32 epochs, wd 0.2, warmup 2,000, bf16."""
     cfg = load_run_config(name)
     assert cfg.data.global_batch_size == 32768
     assert (cfg.optim.epochs, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (32, 0.2, 2000)
-    assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps) == (0.9, 0.98, 1e-6)
     assert cfg.precision.precision == "bf16" and cfg.infra.use_gpu
+
+
+#: The paper's Adam settings by image tower (appendix F, common hyperparameters).
+PAPER_ADAM = {"resnet": (0.9, 0.999, 1e-8), "vit": (0.9, 0.98, 1e-6)}
+
+
+@pytest.mark.parametrize("name", [*PRODUCTION, "vit-l14-336"])
+def test_recipes_use_the_papers_adam_settings_per_tower(name: str) -> None:
+    cfg = load_run_config(name)
+    tower = get_model_config(cfg.model.name).vision.type
+    assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps) == PAPER_ADAM[tower], name
+    assert cfg.optim.lr == (4e-4 if cfg.model.name.startswith("ViT-L") else 5e-4)
 
 
 def test_per_worker_batch_is_derived_from_the_worker_count() -> None:
