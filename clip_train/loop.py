@@ -23,6 +23,7 @@ from clip_core.model import CLIP
 from clip_core.tokenizer import ClipTokenizer
 from clip_train.config import RunConfig
 from clip_train.data import shuffle_seed
+from clip_train.device_check import check_device, current_device_info
 from clip_train.optim import build_optimizer, cosine_lr
 from clip_train.state import (
     LoadedTrainState,
@@ -130,6 +131,8 @@ def _setup(cfg: RunConfig, job: JobSpec) -> tuple[CLIP, torch.nn.Module, Stepper
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg.infra.torch_threads)
+    else:  # before any kernel: a build without this GPU's kernels fails with a clear message
+        check_device(current_device_info(device.index or 0), cfg.precision.precision)
     model = build_model(job, cfg.seed)
     state = _restore(job)
     if state is not None:

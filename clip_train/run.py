@@ -33,6 +33,7 @@ from clip_train.data import (
     shard_urls,
     split_rows,
 )
+from clip_train.device_check import DeviceError
 from clip_train.loop import JobSpec, train_loop_per_worker
 from clip_train.progress import ProgressReporter
 from clip_train.provenance import code_version, seed_everything
@@ -217,7 +218,8 @@ def _trainer(cfg: RunConfig, job: JobSpec, dataset: Any) -> Any:
 
 
 def _root_cause(exc: BaseException) -> BaseException | None:
-    """The first TrainCheckpointError/DataError in an exception chain (Ray wraps them)."""
+    """The first TrainCheckpointError/DataError/DeviceError in an exception chain (Ray wraps
+    them)."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -225,7 +227,7 @@ def _root_cause(exc: BaseException) -> BaseException | None:
         if cur is None or id(cur) in seen:
             continue
         seen.add(id(cur))
-        if isinstance(cur, TrainCheckpointError | DataError):
+        if isinstance(cur, TrainCheckpointError | DataError | DeviceError):
             return cur
         stack += [cur.__cause__, cur.__context__, *getattr(cur, "exceptions", [])]
         stack += list(getattr(cur, "worker_failures", {}).values())
