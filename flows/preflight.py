@@ -23,6 +23,8 @@ from pathlib import Path
 
 #: Free disk the demo needs under its output folder (shards, checkpoints, MLflow artifacts).
 DEMO_DISK_BYTES = 2 * 1024**3
+#: MLflow tracking schemes the preflight does not probe (hosted, own authentication).
+UNCHECKED_SCHEMES = frozenset({"databricks", "databricks-uc", "uc", "mssql"})
 #: Seconds a server check waits for an answer.
 CONNECT_TIMEOUT = 5.0
 
@@ -132,6 +134,8 @@ def tracking_problems(uri: str) -> list[str]:
         return _database_problems(uri, fix)
     if "://" not in uri or uri.startswith("file:"):
         return output_problems(uri.removeprefix("file://"), 0)
+    if uri.split("://", 1)[0] in UNCHECKED_SCHEMES:
+        return []  # hosted stores with their own authentication: MLflow reports on them
     return [
         f"unknown MLflow tracking URI scheme {uri.split('://', maxsplit=1)[0]}://; "
         "use sqlite:///, http(s)://, postgresql:// or a folder"

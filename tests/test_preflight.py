@@ -127,6 +127,7 @@ def test_each_check_finds_its_problem(tmp_path: Path) -> None:
     assert "unset PREFECT_API_URL" in api
     (scheme,) = tracking_problems("ftp://example.invalid/x")
     assert "unknown MLflow tracking URI scheme" in scheme
+    assert tracking_problems("databricks://profile") == []  # hosted: not probed
     needs = Prerequisites("demo-mix", str(DEMO_SUITE), str(tmp_path / "out"), "sqlite:///x.db")
     assert preflight(needs) == []
 
