@@ -215,6 +215,7 @@ class ParquetStream:
     def __init__(self, path: Path, schema: pa.Schema, compression: str) -> None:
         self.path = path
         self.rows = 0
+        self.row_groups: list[int] = []  # rows of each row group written, in order
         self._sink = _HashingFile(path)
         self._schema = schema
         try:
@@ -265,6 +266,7 @@ class ParquetStream:
         table = pa.Table.from_arrays(arrays, schema=self._schema)
         self._writer.write_table(table, row_group_size=n)
         self.rows += n
+        self.row_groups.append(n)
 
     def close(self) -> None:
         """Write the footer and close the file."""

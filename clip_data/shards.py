@@ -390,7 +390,13 @@ class ShardWriter:
         self._shard = None
         name = shard.path.name
         self._shards.append(
-            {"file": name, "rows": shard.rows, "bytes": shard.bytes_written, "sha256": shard.sha256}
+            {
+                "file": name,
+                "rows": shard.rows,
+                "bytes": shard.bytes_written,
+                "sha256": shard.sha256,
+                "row_groups": list(shard.row_groups),  # training plans its work units from it
+            }
         )
         self.file_md5s[name] = shard.md5
 

@@ -287,8 +287,13 @@ def _extra_checks(dataset: Dataset, frame: _DataFrame) -> list[dict[str, Any]]:
         pf = dataset.parquet(shard["file"])
         try:
             schema, found = pf.schema_arrow, pf.metadata.num_rows
+            groups = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
         finally:
             pf.close()
+        if "row_groups" in shard and shard["row_groups"] != groups:  # what training plans on
+            problems.append(
+                f"{shard['file']}: manifest row_groups={shard['row_groups']!r}, found {groups}"
+            )
         if schema.names != expected_names or [f.type for f in schema] != expected_types:
             bad_schema.append(f"{shard['file']}: {schema.names}")
         if shard.get("rows") != found:

@@ -118,8 +118,22 @@ def preprocess_rows(
 _CALLS = 0
 
 
+def manifest_units(urls: list[str], manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The work units of :func:`row_group_units` from the manifest's ``row_groups`` per shard
+    (written by the ingest since 2026-12): no footer is read. ``None`` for an older manifest."""
+    shards = manifest.get("shards", [])
+    if len(shards) != len(urls) or not all("row_groups" in s for s in shards):
+        return None
+    return [
+        {"url": url, "row_group": i, "rows": int(rows)}
+        for url, shard in zip(urls, shards, strict=True)
+        for i, rows in enumerate(shard["row_groups"])
+    ]
+
+
 def row_group_units(urls: list[str]) -> list[dict[str, Any]]:
-    """One work unit per Parquet row group: {"url", "row_group", "rows"} (footers only)."""
+    """One work unit per Parquet row group: {"url", "row_group", "rows"}, from the footers
+    (one read per shard, in order: :func:`manifest_units` avoids it for new manifests)."""
     import pyarrow.parquet as pq
 
     units = []
@@ -165,15 +179,17 @@ def build_dataset(
     seed: int,
     preprocess_cpus: float,
     preprocess_batch: int,
+    units: list[dict[str, Any]] | None = None,
 ) -> Any:
     """A streaming ``ray.data.Dataset`` of preprocessed training rows of ``split``.
 
     The source is the list of row groups (read lazily by the map tasks, local or s3://),
-    so no process reads more than one row group at a time.
+    so no process reads more than one row group at a time. ``units`` (from
+    :func:`manifest_units`) saves reading every footer first; ``None`` reads them.
     """
     import ray.data
 
-    units = row_group_units(urls)
+    units = row_group_units(urls) if units is None else units
     if not units:
         raise DataError(f"no Parquet row groups in {urls}")
     ds = ray.data.from_items(units, override_num_blocks=len(units))

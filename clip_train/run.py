@@ -28,6 +28,7 @@ from clip_train.config import RunConfig, RunConfigError
 from clip_train.data import (
     DataError,
     build_dataset,
+    manifest_units,
     read_captions,
     read_manifest_any,
     shard_urls,
@@ -177,8 +178,10 @@ def training_dataset(
     """The run's Ray Data pipeline over ``urls`` (``plan``'s output); ``image_size`` and
     ``preprocess_cpus`` default to the model's resolution and ``data.preprocess_cpus``."""
     size = image_size or int(job.model_config["vision"]["image_size"])
+    units = manifest_units(urls, read_manifest_any(absolute_uri(cfg.data.shards)))
     return build_dataset(
         urls,
+        units=units,
         split=cfg.data.split,
         tokenizer=ClipTokenizer.from_merges(job.merges, context_length=job.context_length),
         image_size=size,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from dist_workers import make_batch, make_model
 from PIL import Image
@@ -61,3 +63,45 @@ def test_the_step_normalises_uint8_pixels_like_the_float_transform() -> None:
     (loss_u8, params_u8), (loss_f, params_f) = results
     assert loss_u8 == loss_f
     assert all(torch.equal(a, b) for a, b in zip(params_u8, params_f, strict=True))
+
+
+def test_work_units_come_from_the_manifest_without_reading_footers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ingest records each shard's row groups; training plans from them, and validation
+    catches a manifest whose row groups do not match the files."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from clip_data.ingest import IngestConfig, ingest
+    from clip_data.shard_format import ShardConfig, read_manifest
+    from clip_data.validate import validate_dataset
+    from clip_train.data import manifest_units, row_group_units, shard_urls
+
+    dest = tmp_path / "shards"
+    layout = ShardConfig(target_shard_bytes=12_000, row_group_rows=7)
+    config = IngestConfig(workers=1, shards=layout)
+    ingest("synthetic:train=60,test=10,image_size=16", dest, config, progress=False)
+    manifest = read_manifest(dest)
+    urls = shard_urls(str(dest), manifest)
+    from_footers = row_group_units(urls)
+    assert len(urls) > 1 and len({u["rows"] for u in from_footers}) > 1  # shards, short groups
+
+    def no_footers(*_: object, **__: object) -> None:
+        raise AssertionError("a footer was read")
+
+    monkeypatch.setattr(pq, "ParquetFile", no_footers)
+    assert manifest_units(urls, manifest) == from_footers
+    monkeypatch.undo()
+    old = {
+        **manifest,
+        "shards": [{k: v for k, v in s.items() if k != "row_groups"} for s in manifest["shards"]],
+    }
+    assert manifest_units(urls, old) is None  # an older manifest: read the footers
+
+    assert validate_dataset(dest).success
+    manifest["shards"][0]["row_groups"] = [manifest["shards"][0]["rows"]]
+    (dest / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    report = validate_dataset(dest)
+    assert not report.success and "row_groups" in report.summary() + json.dumps(report.failures)
