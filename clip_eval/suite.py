@@ -228,8 +228,10 @@ def _progress(total: int, desc: str, enabled: bool | None) -> Any:
         return None
     if not sys.stderr.isatty():
         return _Lines(total, desc)
-    from tqdm import tqdm  # type: ignore[import-untyped]
-
+    try:
+        from tqdm import tqdm  # type: ignore[import-untyped]
+    except ImportError:  # tqdm is not a declared dependency: plain lines then
+        return _Lines(total, desc)
     return tqdm(total=total, desc=desc, unit="img", leave=False)
 
 

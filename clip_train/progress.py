@@ -76,7 +76,6 @@ class ProgressReporter:
         self.every_seconds = every_seconds
         self.log = log
         self.poll_seconds = poll_seconds
-        self.lines = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clipops-progress", daemon=True)
 
@@ -155,6 +154,5 @@ class ProgressReporter:
         return f"{line} ETA {eta}"
 
     def _emit(self, line: str) -> None:
-        self.lines += 1
         with contextlib.suppress(Exception):  # a failing log sink must not stop the training
             self.log(line)
