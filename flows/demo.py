@@ -135,21 +135,14 @@ def run_demo_chain(
     a missing Fashion-MNIST or Tux Paint package instead leaves its training images and
     evaluation rows out, said in one line before anything runs.
     """
-    from flows.preflight import (
-        PreflightError,
-        dataset_problems,
-        environment_prerequisites,
-        preflight,
-    )
+    from flows.preflight import dataset_problems, environment_prerequisites, require
 
     fashion = tuxpaint = True
     if skip_missing_datasets and dataset_problems(demo_source(train_samples, seed), suite):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         suite, fashion, tuxpaint = _available_only(suite, out_dir, log)
     source = demo_source(train_samples, seed, fashion=fashion, tuxpaint=tuxpaint)
-    problems = preflight(environment_prerequisites(source, suite, out_dir))
-    if problems:
-        raise PreflightError(problems[0] if len(problems) == 1 else "; ".join(problems))
+    require(environment_prerequisites(source, suite, out_dir))
     prefect_defaults()
     from flows.pretrain import pretrain
 

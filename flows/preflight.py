@@ -177,6 +177,13 @@ def preflight(needs: Prerequisites) -> list[str]:
     ]
 
 
+def require(needs: Prerequisites) -> None:
+    """Raise :class:`PreflightError` naming every problem (``; ``-joined) when there is one."""
+    problems = preflight(needs)
+    if problems:
+        raise PreflightError("; ".join(problems))
+
+
 def environment_prerequisites(source: str | None, suite: str, out_dir: str) -> Prerequisites:
     """The prerequisites of a run configured by the environment (MLflow and Prefect URIs)."""
     from clip_train.tracking import resolve_tracking_uri

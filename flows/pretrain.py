@@ -71,12 +71,9 @@ def _check_prerequisites(
 ) -> None:
     """Fail before any work when a dataset, the output folder or MLflow is not usable."""
     from clip_train.tracking import resolve_tracking_uri
-    from flows.preflight import PreflightError, Prerequisites, preflight
+    from flows.preflight import Prerequisites, require
 
-    needs = Prerequisites(source, suite, str(out), resolve_tracking_uri(tracking_uri))
-    problems = preflight(needs)
-    if problems:
-        raise PreflightError("; ".join(problems))
+    require(Prerequisites(source, suite, str(out), resolve_tracking_uri(tracking_uri)))
 
 
 def _data_stage(source: str | None, shards: str | None, out: Path) -> str | None:
