@@ -167,11 +167,11 @@ def source_requirements(uri: str) -> list[Callable[[], None]]:
         return [check_tuxpaint]
     if name != "demo-mix":
         return []
-    named = _parse_name_options(uri, "demo-mix")
+    counts = _demo_mix_counts(uri, DEMO_MIX_DEFAULTS)
     checks: list[Callable[[], None]] = []
-    if named.get("fashion", "1") != "0":
+    if counts["fashion"]:
         checks.append(check_fashion_mnist)
-    if named.get("tuxpaint", "1") != "0":
+    if counts["tuxpaint"]:
         checks.append(check_tuxpaint)
     return checks
 
@@ -256,35 +256,55 @@ def read_tuxpaint(
     (:func:`tuxpaint_part`). Records get ``split`` as their split.
     Raises :class:`MissingDatasetError` when the package is not installed.
     """
+    stamps = _tuxpaint_stamps(root, part)
+    for path, key, category in stamps if limit is None else stamps[:limit]:
+        text = path.with_suffix(".txt")
+        lines = text.read_bytes().splitlines() if text.is_file() else []
+        image = _flatten_on_white(path.read_bytes()) if flatten else path.read_bytes()
+        caption = lines[0].strip() if lines else None
+        yield RawRecord(key, image, caption, uri, split, {"category": category})
+
+
+def _tuxpaint_stamps(root: str, part: str) -> list[tuple[Path, str, str]]:
+    """``(path, key, category)`` of the stamps of ``part`` in key order, no file read."""
     if part not in ("all", "train", "test"):
         raise SourceError(f"unknown tuxpaint part {part!r}; use all, train or test")
     check_tuxpaint(root)
     base = Path(root)
-    count = 0
+    found = []
     for path in sorted(base.rglob("*.png")):
         parts = path.relative_to(base).parts
         if len(parts) < 2 or parts[0] == "symbols" or "cartoon" in parts[1:-1]:
             continue
         key = path.relative_to(base).with_suffix("").as_posix()
-        if part != "all" and tuxpaint_part(key) != part:
-            continue
-        if limit is not None and count >= limit:
-            return
-        text = path.with_suffix(".txt")
-        lines = text.read_bytes().splitlines() if text.is_file() else []
-        image = _flatten_on_white(path.read_bytes()) if flatten else path.read_bytes()
-        caption = lines[0].strip() if lines else None
-        yield RawRecord(key, image, caption, uri, split, {"category": parts[0]})
-        count += 1
+        if part == "all" or tuxpaint_part(key) == part:
+            found.append((path, key, parts[0]))
+    return found
+
+
+#: Sizes of :func:`read_demo_mix` when neither the name nor the caller gives them.
+DEMO_MIX_DEFAULTS = {"synthetic": 2048, "synthetic_test": 512, "fashion": 8000, "tuxpaint": 1}
+
+
+def _demo_mix_counts(uri: str, given: dict[str, int]) -> dict[str, int]:
+    """The demo mix's sizes and seed: ``given``, overridden by the options in ``uri``."""
+    named = _parse_name_options(uri, "demo-mix")
+    unknown = sorted(set(named) - {*DEMO_MIX_DEFAULTS, "seed"})
+    if unknown:
+        raise SourceError(f"unknown demo-mix option(s) {unknown} in {uri!r}")
+    try:
+        return {key: int(named.get(key, value)) for key, value in given.items()}
+    except ValueError as error:
+        raise SourceError(f"bad demo-mix options in {uri!r}: {error}") from None
 
 
 def read_demo_mix(
     uri: str = "demo-mix",
     *,
-    synthetic: int = 2048,
-    synthetic_test: int = 512,
-    fashion: int = 8000,
-    tuxpaint: int = 1,
+    synthetic: int = DEMO_MIX_DEFAULTS["synthetic"],
+    synthetic_test: int = DEMO_MIX_DEFAULTS["synthetic_test"],
+    fashion: int = DEMO_MIX_DEFAULTS["fashion"],
+    tuxpaint: int = DEMO_MIX_DEFAULTS["tuxpaint"],
     seed: int = 0,
     fashion_root: str = FASHION_MNIST_ROOT,
     tuxpaint_root: str = TUXPAINT_ROOT,
@@ -300,22 +320,10 @@ def read_demo_mix(
     the name:
     ``"demo-mix:synthetic=1024,fashion=4000,tuxpaint=0"``.
     """
-    named = _parse_name_options(uri, "demo-mix")
-    unknown = sorted(set(named) - {"synthetic", "synthetic_test", "fashion", "tuxpaint", "seed"})
-    if unknown:
-        raise SourceError(f"unknown demo-mix option(s) {unknown} in {uri!r}")
-    try:
-        n_syn, n_test = (
-            int(named.get("synthetic", synthetic)),
-            int(named.get("synthetic_test", synthetic_test)),
-        )
-        n_fashion, use_tux = (
-            int(named.get("fashion", fashion)),
-            int(named.get("tuxpaint", tuxpaint)),
-        )
-        seed = int(named.get("seed", seed))
-    except ValueError as error:
-        raise SourceError(f"bad demo-mix options in {uri!r}: {error}") from None
+    given = {"synthetic": synthetic, "synthetic_test": synthetic_test, "fashion": fashion}
+    counts = _demo_mix_counts(uri, {**given, "tuxpaint": tuxpaint, "seed": seed})
+    n_syn, n_test, n_fashion = counts["synthetic"], counts["synthetic_test"], counts["fashion"]
+    use_tux, seed = counts["tuxpaint"], counts["seed"]
     if n_fashion:
         check_fashion_mnist(fashion_root)  # before any work: a missing package fails at once
     if use_tux:
@@ -332,7 +340,7 @@ def read_demo_mix(
         )
         streams.append((min(n_fashion, available), fashion_records))
     if use_tux:
-        count = sum(1 for _ in read_tuxpaint(uri, root=tuxpaint_root, part="train", flatten=False))
+        count = len(_tuxpaint_stamps(tuxpaint_root, "train"))
         streams.append((count * use_tux, _stamp_views(uri, tuxpaint_root, use_tux)))
     yield from _interleave(streams)
 

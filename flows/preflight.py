@@ -48,11 +48,14 @@ class Prerequisites:
 def dataset_problems(source: str | None, suite: str) -> list[str]:
     """One line per system dataset that the source or the suite reads and is not installed."""
     from clip_data.corpora import source_requirements
-    from clip_data.errors import MissingDatasetError
+    from clip_data.errors import MissingDatasetError, SourceError
     from clip_eval.datasets import dataset_requirements
     from clip_eval.suite import SuiteError, load_suite
 
-    checks: list[Callable[[], None]] = list(source_requirements(source)) if source else []
+    try:
+        checks: list[Callable[[], None]] = list(source_requirements(source)) if source else []
+    except SourceError as exc:  # bad options in a built-in corpus name
+        return [f"source: {exc}"]
     try:
         parsed = load_suite(suite)
     except SuiteError as exc:

@@ -128,6 +128,8 @@ def test_each_check_finds_its_problem(tmp_path: Path) -> None:
     (scheme,) = tracking_problems("ftp://example.invalid/x")
     assert "unknown MLflow tracking URI scheme" in scheme
     assert tracking_problems("databricks://profile") == []  # hosted: not probed
+    (bad_source,) = dataset_problems("demo-mix:fashoin=3", str(DEMO_SUITE))
+    assert bad_source.startswith("source: unknown demo-mix option(s) ['fashoin']")
     needs = Prerequisites("demo-mix", str(DEMO_SUITE), str(tmp_path / "out"), "sqlite:///x.db")
     assert preflight(needs) == []
 
