@@ -37,42 +37,62 @@ def _target(tmp_path: Path) -> TrackingTarget:
     return open_run(uri, "progress-test", "run", {}, {})
 
 
-def test_lines_every_n_steps_and_a_heartbeat_while_waiting(tmp_path: Path) -> None:
-    target = _target(tmp_path)
+def _log_steps(target: TrackingTarget, steps: int, *, delay: float, pause: float) -> None:
+    """Log ``steps`` steps the way rank 0 does, after ``pause`` s ("Ray workers starting")."""
+    logger = StepLogger(target, system_metrics=False)
+    time.sleep(pause)
+    for step in range(1, steps + 1):
+        metrics = {"train/loss": 5.0 - step / 10, "train/epoch": float((step - 1) // 10)}
+        logger.log({**metrics, "train/samples_seen": float(8 * step)}, step)
+        time.sleep(delay)
+    logger.close()
+
+
+def _report(
+    target: TrackingTarget, *, every_steps: int, every_seconds: float, delay: float, pause: float
+) -> list[str]:
     lines: list[str] = []
     reporter = ProgressReporter(
         target,
         total_steps=30,
         steps_per_epoch=10,
         global_batch=8,
-        every_steps=10,
-        every_seconds=0.6,
+        every_steps=every_steps,
+        every_seconds=every_seconds,
         log=lines.append,
         poll_seconds=0.1,
     )
-    logger = StepLogger(target, system_metrics=False)
-
-    def rank0() -> None:
-        time.sleep(1.0)  # "Ray workers starting": the heartbeat speaks meanwhile
-        for step in range(1, 31):
-            metrics = {"train/loss": 5.0 - step / 10, "train/epoch": float((step - 1) // 10)}
-            logger.log({**metrics, "train/samples_seen": float(8 * step)}, step)
-            time.sleep(0.05)
-
-    worker = threading.Thread(target=rank0)
+    worker = threading.Thread(
+        target=_log_steps, args=(target, 30), kwargs={"delay": delay, "pause": pause}
+    )
     with reporter:
         worker.start()
         worker.join()
         time.sleep(0.3)
-    logger.close()
-    assert lines[0].startswith("train waiting for the first step"), lines
+    return lines
+
+
+def test_a_line_every_n_steps(tmp_path: Path) -> None:
+    """With the time floor out of reach, lines come every ``every_steps`` steps and at the end."""
+    lines = _report(_target(tmp_path), every_steps=10, every_seconds=600, delay=0.05, pause=0.0)
     parsed = [m.groups() for m in map(LINE.match, lines) if m]
+    assert len(parsed) == len(lines), lines
     steps = [int(g[0]) for g in parsed]
     assert steps == sorted(set(steps)) and steps[-1] == 30, lines
     assert all(b - a >= 10 or b == 30 for a, b in itertools.pairwise(steps)), steps
     assert {g[1] for g in parsed} == {"30"} and {g[4] for g in parsed} == {"3"}
     last = parsed[-1]
     assert last[3] == "3" and float(last[5]) == 2.0 and last[7] == "0s"  # epoch 3, 5 - 30/10
+
+
+def test_a_heartbeat_while_waiting_and_a_line_at_least_every_interval(tmp_path: Path) -> None:
+    """Before the first step and between far-apart step lines, the time floor speaks."""
+    lines = _report(_target(tmp_path), every_steps=1000, every_seconds=0.4, delay=0.1, pause=1.0)
+    assert lines[0].startswith("train waiting for the first step"), lines
+    steps = [int(m.group(1)) for m in map(LINE.match, lines) if m]
+    # 30 steps over >= 3 s with a 0.4 s floor: several lines, though no 1000-step gap occurred
+    assert len(steps) >= 3 and steps[-1] == 30, lines
+    assert steps == sorted(set(steps)), lines
 
 
 def test_a_resumed_run_starts_from_new_values(tmp_path: Path) -> None:
