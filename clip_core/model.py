@@ -69,10 +69,13 @@ class CLIP(nn.Module):
         self.visual.init_parameters()
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute transformer activations in backward to save memory."""
+        """Recompute activations in backward to save memory: each transformer block of both
+        towers, or each bottleneck block of a ResNet image tower."""
         self.transformer.grad_checkpointing = enabled
         if isinstance(self.visual, VisionTransformer):
             self.visual.transformer.grad_checkpointing = enabled
+        else:
+            self.visual.grad_checkpointing = enabled
 
     def set_channels_last(self, enabled: bool = True) -> None:
         """NHWC memory layout for a ResNet image tower (same results; faster convolutions).

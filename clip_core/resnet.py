@@ -7,11 +7,14 @@ and in the shortcut), and attention pooling in place of global average pooling.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clip_core.config import ResNetConfig
 
@@ -95,6 +98,34 @@ class AttentionPool2d(nn.Module):
         return y.transpose(1, 2).reshape(B, C)  # [B, C]
 
 
+@contextlib.contextmanager
+def _bn_stats_restored(module: nn.Module) -> Iterator[None]:
+    """Run the body, then put every BatchNorm's running statistics back as they were."""
+    saved = [
+        (bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+        for bn in module.modules()
+        if isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for bn, mean, var, count in saved:
+                bn.running_mean.copy_(mean)  # type: ignore[union-attr]
+                bn.running_var.copy_(var)  # type: ignore[union-attr]
+                bn.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
+
+
+def _recompute_keeps_bn_stats(
+    block: nn.Module,
+) -> Callable[[], tuple[contextlib.AbstractContextManager[None], ...]]:
+    """``checkpoint``'s ``context_fn``: the forward as usual; the recomputation in backward
+    leaves BatchNorm running statistics alone (a block's BN must count each batch once, as
+    it does without checkpointing; the recomputed batch statistics, and so the gradients,
+    are the same)."""
+    return lambda: (contextlib.nullcontext(), _bn_stats_restored(block))
+
+
 class ModifiedResNet(nn.Module):
     """CLIP's ResNet image encoder."""
 
@@ -119,6 +150,7 @@ class ModifiedResNet(nn.Module):
         self.layer4 = self._make_layer(w * 8, cfg.layers[3], stride=2)
         self.attnpool = AttentionPool2d(cfg.image_size // 32, w * 32, cfg.heads, output_dim)
         self.channels_last = False
+        self.grad_checkpointing = False  # recompute each bottleneck in backward
 
     def set_channels_last(self, enabled: bool = True) -> None:
         """Keep conv weights and activations in NHWC (channels-last) memory layout.
@@ -158,7 +190,15 @@ class ModifiedResNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(
+                        block, x, use_reentrant=False, context_fn=_recompute_keeps_bn_stats(block)
+                    )
+                else:
+                    x = block(x)
+        return x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Features before the final projection (for linear probes): [B, 32*width]."""

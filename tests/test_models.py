@@ -584,6 +584,8 @@ def test_grad_checkpointing_same_loss_and_grads(name: str, monkeypatch: pytest.M
     blocks = [checkpointed.transformer.resblocks[0]]
     if isinstance(checkpointed.visual, VisionTransformer):
         blocks.append(checkpointed.visual.transformer.resblocks[0])
+    else:  # a ResNet tower: every bottleneck, the last of the last stage included
+        blocks += [checkpointed.visual.layer1[0], checkpointed.visual.layer4[-1]]
     calls = [0] * len(blocks)
 
     def counting(i: int, forward: Any) -> Any:
@@ -614,11 +616,21 @@ def test_grad_checkpointing_same_loss_and_grads(name: str, monkeypatch: pytest.M
         torch.testing.assert_close(param.grad, expected, atol=1e-6, rtol=1e-5, msg=pname)
         n_grads += 1
     assert n_grads > 20
+    # BatchNorm counts the batch once, although its forward ran twice (running stats equal)
+    ref_buffers = dict(reference.named_buffers())
+    n_stats = 0
+    for bname, buffer in checkpointed.named_buffers():
+        if "running_" in bname or "num_batches" in bname:
+            torch.testing.assert_close(buffer, ref_buffers[bname], atol=0, rtol=0, msg=bname)
+            n_stats += 1
+    assert n_stats > 0 or isinstance(checkpointed.visual, VisionTransformer)
 
     checkpointed.set_grad_checkpointing(False)
     assert not checkpointed.transformer.grad_checkpointing
     if isinstance(checkpointed.visual, VisionTransformer):
         assert not checkpointed.visual.transformer.grad_checkpointing
+    else:
+        assert not checkpointed.visual.grad_checkpointing
 
 
 # --------------------------------------------------------------------------- ResNet tower
