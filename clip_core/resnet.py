@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,24 +102,24 @@ class AttentionPool2d(nn.Module):
 @contextlib.contextmanager
 def _bn_stats_restored(module: nn.Module) -> Iterator[None]:
     """Run the body, then put every BatchNorm's running statistics back as they were."""
-    saved = [
-        (bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
-        for bn in module.modules()
-        if isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
-    ]
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its value before)
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            stats = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+            saved += [(buf, buf.clone()) for buf in stats if buf is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for bn, mean, var, count in saved:
-                bn.running_mean.copy_(mean)  # type: ignore[union-attr]
-                bn.running_var.copy_(var)  # type: ignore[union-attr]
-                bn.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
+            for buf, before in saved:
+                buf.copy_(before)
 
 
 def _recompute_keeps_bn_stats(
     block: nn.Module,
-) -> Callable[[], tuple[contextlib.AbstractContextManager[None], ...]]:
+) -> Callable[
+    [], tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]
+]:
     """``checkpoint``'s ``context_fn``: the forward as usual; the recomputation in backward
     leaves BatchNorm running statistics alone (a block's BN must count each batch once, as
     it does without checkpointing; the recomputed batch statistics, and so the gradients,
