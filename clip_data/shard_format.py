@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,7 @@ class ParquetStream:
         self.path = path
         self.rows = 0
         self.row_groups: list[int] = []  # rows of each row group written, in order
+        self.row_group_splits: list[dict[str, int]] = []  # rows per split of each row group
         self._sink = _HashingFile(path)
         self._schema = schema
         try:
@@ -267,6 +269,9 @@ class ParquetStream:
         self._writer.write_table(table, row_group_size=n)
         self.rows += n
         self.row_groups.append(n)
+        if "split" in self._schema.names:
+            splits = Counter(str(v) for v in columns[self._schema.get_field_index("split")])
+            self.row_group_splits.append(dict(sorted(splits.items())))
 
     def close(self) -> None:
         """Write the footer and close the file."""

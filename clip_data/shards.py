@@ -396,6 +396,7 @@ class ShardWriter:
                 "bytes": shard.bytes_written,
                 "sha256": shard.sha256,
                 "row_groups": list(shard.row_groups),  # training plans its work units from it
+                "row_group_splits": list(shard.row_group_splits),  # and resumes an epoch by it
             }
         )
         self.file_md5s[name] = shard.md5

@@ -294,6 +294,12 @@ def _extra_checks(dataset: Dataset, frame: _DataFrame) -> list[dict[str, Any]]:
             problems.append(
                 f"{shard['file']}: manifest row_groups={shard['row_groups']!r}, found {groups}"
             )
+        splits = shard.get("row_group_splits")
+        if splits is not None and [sum(c.values()) for c in splits] != groups:  # resume plan
+            problems.append(
+                f"{shard['file']}: manifest row_group_splits={splits!r} do not add up to the "
+                f"row groups {groups}"
+            )
         if schema.names != expected_names or [f.type for f in schema] != expected_types:
             bad_schema.append(f"{shard['file']}: {schema.names}")
         if shard.get("rows") != found:

@@ -26,6 +26,10 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs")  # torch.compile backends offered
 ADAMW_IMPLEMENTATIONS = ("foreach", "fused", "for-loop")  # torch.optim.AdamW code paths
+# How optimiser state is laid out over the data-parallel workers: "none" (every rank holds
+# all of AdamW's moments) or "zero1" (each rank holds the moments of its share of the
+# parameters, ZeRO stage 1: torch's ZeroRedundancyOptimizer; same update).
+OPTIMIZER_SHARDING = ("none", "zero1")
 
 
 class RunConfigError(ValueError):
@@ -75,6 +79,7 @@ class OptimSection:
     grad_clip_norm: float | None = None
     accum_steps: int = 1
     adamw: str = "foreach"  # foreach | fused | for-loop: same update (bench/speed.py)
+    sharding: str = "none"  # none | zero1: optimiser state split over the workers
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,8 @@ def _validate(cfg: RunConfig) -> None:
         raise RunConfigError(f"precision.compile_backend must be one of {COMPILE_BACKENDS}")
     if optim.adamw not in ADAMW_IMPLEMENTATIONS:
         raise RunConfigError(f"optim.adamw must be one of {ADAMW_IMPLEMENTATIONS}")
+    if optim.sharding not in OPTIMIZER_SHARDING:
+        raise RunConfigError(f"optim.sharding must be one of {OPTIMIZER_SHARDING}")
     for name in ("every_steps", "keep"):
         if getattr(cfg.checkpoint, name) < 1:
             raise RunConfigError(f"checkpoint.{name} must be >= 1")

@@ -120,15 +120,49 @@ _CALLS = 0
 
 def manifest_units(urls: list[str], manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The work units of :func:`row_group_units` from the manifest's ``row_groups`` per shard
-    (written by the ingest since 2026-12): no footer is read. ``None`` for an older manifest."""
+    (written by the ingest since 2026-12): no footer is read. ``None`` for an older manifest.
+
+    Where the manifest also has ``row_group_splits`` (rows of each split per row group),
+    each unit carries them as ``split_rows``, which lets a resumed epoch find its row
+    without reading anything (:func:`plan_row_range`).
+    """
     shards = manifest.get("shards", [])
     if len(shards) != len(urls) or not all("row_groups" in s for s in shards):
         return None
-    return [
-        {"url": url, "row_group": i, "rows": int(rows)}
-        for url, shard in zip(urls, shards, strict=True)
-        for i, rows in enumerate(shard["row_groups"])
-    ]
+    units = []
+    for url, shard in zip(urls, shards, strict=True):
+        splits = shard.get("row_group_splits")
+        for i, rows in enumerate(shard["row_groups"]):
+            unit: dict[str, Any] = {"url": url, "row_group": i, "rows": int(rows)}
+            if splits is not None and len(splits) == len(shard["row_groups"]):
+                unit["split_rows"] = {str(k): int(v) for k, v in splits[i].items()}
+            units.append(unit)
+    return units
+
+
+def plan_row_range(
+    units: list[dict[str, Any]], split: str, start: int, stop: int
+) -> list[dict[str, Any]] | None:
+    """The units that hold rows ``[start, stop)`` of ``split`` (counted in unit order), each
+    with ``skip`` (rows of the split to pass over, undecoded) and ``take`` (rows to keep).
+
+    ``None`` when a unit lacks ``split_rows`` (an older manifest): the caller falls back to
+    reading from the start. Raises :class:`DataError` when the split has fewer than ``stop``
+    rows.
+    """
+    if any("split_rows" not in u for u in units):
+        return None
+    out: list[dict[str, Any]] = []
+    seen = 0  # rows of the split before the current unit
+    for unit in units:
+        n = unit["split_rows"].get(split, 0)
+        lo, hi = max(start, seen), min(stop, seen + n)
+        if lo < hi:
+            out.append({**unit, "skip": lo - seen, "take": hi - lo})
+        seen += n
+        if seen >= stop:
+            return out
+    raise DataError(f"split {split!r} has {seen} rows in its units, fewer than {stop}")
 
 
 def row_group_units(urls: list[str]) -> list[dict[str, Any]]:
@@ -150,15 +184,23 @@ def row_group_units(urls: list[str]) -> list[dict[str, Any]]:
 def load_units(
     batch: dict[str, np.ndarray], *, split: str, chunk: int, **kwargs: Any
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data stage: read each row group, keep ``split``, yield preprocessed chunks."""
+    """Ray Data stage: read each row group, keep ``split``, yield preprocessed chunks.
+
+    Units planned by :func:`plan_row_range` carry ``skip``/``take``: only those rows of the
+    split are decoded.
+    """
     import pyarrow.parquet as pq
 
-    for url, group in zip(batch["url"], batch["row_group"], strict=True):
+    skips, takes = batch.get("skip"), batch.get("take")
+    for j, (url, group) in enumerate(zip(batch["url"], batch["row_group"], strict=True)):
         with fsspec.open(str(url), "rb") as fh:
             table = pq.ParquetFile(fh).read_row_group(
                 int(group), columns=["key", "image", "caption", "split"]
             )
         keep = [i for i, s in enumerate(table.column("split").to_pylist()) if s == split]
+        if skips is not None and takes is not None:  # a resumed epoch's first unit(s)
+            first = int(skips[j])
+            keep = keep[first : first + int(takes[j])]  # skipped rows are never decoded
         columns = {name: table.column(name).to_pylist() for name in ("key", "image", "caption")}
         for start in range(0, len(keep), chunk):
             rows = keep[start : start + chunk]
@@ -192,7 +234,9 @@ def build_dataset(
     units = row_group_units(urls) if units is None else units
     if not units:
         raise DataError(f"no Parquet row groups in {urls}")
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    fields = ("url", "row_group", "skip", "take") if "skip" in units[0] else ("url", "row_group")
+    items = [{k: u[k] for k in fields} for u in units]  # scalars only: Ray Data columns
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
         load_units,  # type: ignore[arg-type]
         fn_kwargs={

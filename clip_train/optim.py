@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from clip_train.config import ADAMW_IMPLEMENTATIONS
+from clip_train.config import ADAMW_IMPLEMENTATIONS, OPTIMIZER_SHARDING
 
 
 def is_decay_exempt(name: str, param: torch.Tensor) -> bool:
@@ -37,25 +37,52 @@ def build_optimizer(
     eps: float = 1e-6,
     *,
     implementation: str = "foreach",
-) -> torch.optim.AdamW:
+    sharding: str = "none",
+) -> torch.optim.Optimizer:
     """AdamW over ``param_groups``.
 
     ``implementation``: "foreach" (default: one multi-tensor kernel per operation),
     "fused" (one fused kernel per parameter group; CPU and CUDA), or "for-loop" (a
     Python loop over parameters, the reference). All three compute the same update.
+
+    ``sharding="zero1"`` (needs an initialised process group): each rank keeps AdamW's
+    moments for its share of the parameters only, steps that share and broadcasts it
+    (ZeRO stage 1, ``torch.distributed.optim.ZeroRedundancyOptimizer``). The update is the
+    same; optimiser memory per GPU falls by the world size (8 bytes/parameter of fp32
+    moments: ~3.4 GB for ViT-L/14 on one rank, ~0.43 GB on each of 8).
     """
     if implementation not in ADAMW_IMPLEMENTATIONS:
         raise ValueError(
             f"AdamW implementation {implementation!r} not one of {ADAMW_IMPLEMENTATIONS}"
         )
-    return torch.optim.AdamW(
-        param_groups(model, weight_decay),
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        foreach=implementation == "foreach",
-        fused=implementation == "fused",
-    )
+    if sharding not in OPTIMIZER_SHARDING:
+        raise ValueError(f"optimiser sharding {sharding!r} not one of {OPTIMIZER_SHARDING}")
+    options = {
+        "lr": lr,
+        "betas": betas,
+        "eps": eps,
+        "foreach": implementation == "foreach",
+        "fused": implementation == "fused",
+    }
+    groups = param_groups(model, weight_decay)
+    if sharding == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(
+            groups,  # param groups: accepted since torch 1.11
+            optimizer_class=torch.optim.AdamW,
+            **options,  # type: ignore[arg-type]
+        )
+    return torch.optim.AdamW(groups, **options)  # type: ignore[arg-type]
+
+
+def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Before rank 0 reads ``optimizer.state_dict()`` for a checkpoint: a sharded (ZeRO)
+    optimiser's shards are sent to rank 0. Every rank must call it; a no-op otherwise."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
 
 
 def cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:

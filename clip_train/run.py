@@ -27,7 +27,6 @@ from clip_core.tokenizer import ClipTokenizer
 from clip_train.config import RunConfig, RunConfigError
 from clip_train.data import (
     DataError,
-    build_dataset,
     manifest_units,
     read_captions,
     read_manifest_any,
@@ -35,7 +34,7 @@ from clip_train.data import (
     split_rows,
 )
 from clip_train.device_check import DeviceError
-from clip_train.loop import JobSpec, train_loop_per_worker
+from clip_train.loop import JobSpec, epoch_dataset, train_loop_per_worker
 from clip_train.progress import ProgressReporter
 from clip_train.provenance import code_version, seed_everything
 from clip_train.state import TrainCheckpointError, load_train_state
@@ -146,6 +145,7 @@ def plan(cfg: RunConfig, resume_from: str | None = None) -> tuple[JobSpec, list[
         tracking=None,
         init_from=cfg.model.init_from,
         resume_from=resume_from,
+        shards=shards,
     )
     return job, urls, version
 
@@ -177,18 +177,9 @@ def training_dataset(
 ) -> Any:
     """The run's Ray Data pipeline over ``urls`` (``plan``'s output); ``image_size`` and
     ``preprocess_cpus`` default to the model's resolution and ``data.preprocess_cpus``."""
-    size = image_size or int(job.model_config["vision"]["image_size"])
     units = manifest_units(urls, read_manifest_any(absolute_uri(cfg.data.shards)))
-    return build_dataset(
-        urls,
-        units=units,
-        split=cfg.data.split,
-        tokenizer=ClipTokenizer.from_merges(job.merges, context_length=job.context_length),
-        image_size=size,
-        scale=cfg.data.train_scale,
-        seed=cfg.seed,
-        preprocess_cpus=cfg.data.preprocess_cpus if preprocess_cpus is None else preprocess_cpus,
-        preprocess_batch=cfg.data.preprocess_batch,
+    return epoch_dataset(
+        cfg, job, urls, units, image_size=image_size, preprocess_cpus=preprocess_cpus
     )
 
 

@@ -38,13 +38,33 @@ def autocast_dtype(
     return AUTOCAST_DTYPES.get(precision.precision)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepResult:
-    """What one optimiser step reports."""
+    """What one optimiser step reports, as 0-d tensors on the step's device.
 
-    loss: float
-    logit_scale: float
-    grad_norm: float | None
+    Reading a value (``loss``, ``logit_scale``, ``grad_norm``) copies it to the host, which
+    waits for the GPU to finish the step: the training loop reads them only on the steps it
+    logs (``tracking.log_every``), so the GPU runs ahead in between.
+    """
+
+    loss_tensor: torch.Tensor
+    logit_scale_tensor: torch.Tensor
+    grad_norm_tensor: torch.Tensor | None
+
+    @property
+    def loss(self) -> float:
+        """The step's loss (host copy: a device sync)."""
+        return float(self.loss_tensor)
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale) after the step (host copy: a device sync)."""
+        return float(self.logit_scale_tensor)
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The gradient norm before clipping, when clipping is on (host copy)."""
+        return None if self.grad_norm_tensor is None else float(self.grad_norm_tensor)
 
 
 class Stepper:
@@ -130,13 +150,12 @@ class Stepper:
         grad_norm = None
         if self.optim.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            norm = nn.utils.clip_grad_norm_(self.raw.parameters(), self.optim.grad_clip_norm)
-            grad_norm = float(norm)
+            grad_norm = nn.utils.clip_grad_norm_(self.raw.parameters(), self.optim.grad_clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.raw.clamp_logit_scale()
-        scale = float(self.raw.logit_scale.detach().exp())
-        return StepResult(float(loss.detach()), scale, grad_norm)
+        scale = self.raw.logit_scale.detach().exp()
+        return StepResult(loss.detach(), scale, grad_norm)
 
 
 def compile_model(model: nn.Module, backend: str) -> nn.Module:

@@ -126,6 +126,28 @@ def finish_run(target: TrackingTarget, status: str, artifacts: dict[str, Path]) 
     client.set_terminated(target.run_id, status=status)
 
 
+def gpu_metrics_status() -> str:
+    """Whether MLflow's system metrics will include GPUs: "on: N GPU(s) via NVML (driver D)"
+    or "off: <reason>" (no nvidia-ml-py, no NVIDIA driver, no device)."""
+    try:
+        import pynvml  # type: ignore[import-untyped, unused-ignore]
+    except ImportError:
+        return "off: nvidia-ml-py (pynvml) is not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return f"off: NVML cannot start ({exc}): no NVIDIA driver on this node"
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+        driver = pynvml.nvmlSystemGetDriverVersion()
+    finally:
+        pynvml.nvmlShutdown()
+    if count == 0:
+        return "off: NVML sees no GPU"
+    driver_text = driver.decode() if isinstance(driver, bytes) else str(driver)
+    return f"on: {count} GPU(s) via NVML (driver {driver_text})"
+
+
 class StepLogger:
     """Rank 0's per-step metric logger (with MLflow system metrics while it is open)."""
 
@@ -139,6 +161,8 @@ class StepLogger:
 
         self.client = MlflowClient(target.uri)
         if system_metrics:
+            # MLflow samples GPUs through NVML when it can; say whether it can, not silently
+            self.client.set_tag(target.run_id, "clipops.gpu_metrics", gpu_metrics_status())
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 

@@ -33,3 +33,40 @@ def test_proxied_downloads_default_keeps_an_explicit_choice(
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "true")
     prefer_proxied_artifact_downloads()
     assert os.environ["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "true"
+
+
+def test_the_run_says_whether_gpu_metrics_are_sampled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On this CPU machine the run's tag says GPU metrics are off and why; with NVML
+    answering (a stand-in module) it names the GPU count and driver."""
+    import sys
+    import types
+
+    from mlflow.tracking import MlflowClient
+
+    from clip_train.tracking import StepLogger, gpu_metrics_status, open_run
+
+    target = open_run(f"sqlite:///{tmp_path / 'm.db'}", "gpu-tag", "run", {}, {})
+    StepLogger(target, system_metrics=True).close()
+    tag = MlflowClient(target.uri).get_run(target.run_id).data.tags["clipops.gpu_metrics"]
+    assert tag.startswith("off: ") and ("NVML" in tag or "nvidia-ml-py" in tag), tag
+
+    fake = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    fake.NVMLError = NVMLError  # type: ignore[attr-defined]
+    fake.nvmlInit = lambda: None  # type: ignore[attr-defined]
+    fake.nvmlShutdown = lambda: None  # type: ignore[attr-defined]
+    fake.nvmlDeviceGetCount = lambda: 8  # type: ignore[attr-defined]
+    fake.nvmlSystemGetDriverVersion = lambda: b"580.65"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert gpu_metrics_status() == "on: 8 GPU(s) via NVML (driver 580.65)"
+
+    def no_driver() -> None:
+        raise NVMLError("Driver Not Loaded")
+
+    fake.nvmlInit = no_driver  # type: ignore[attr-defined]
+    assert gpu_metrics_status().startswith("off: NVML cannot start (Driver Not Loaded)")

@@ -47,6 +47,19 @@ def test_recipes_use_the_papers_adam_settings_per_tower(name: str) -> None:
     assert cfg.optim.lr == (4e-4 if cfg.model.name.startswith("ViT-L") else 5e-4)
 
 
+@pytest.mark.parametrize("name", list_recipes())
+def test_gpu_recipes_compile_and_fuse_adamw_cpu_recipes_do_not(name: str) -> None:
+    """torch.compile and fused AdamW are on by default where the recipe runs on GPUs; the
+    CPU recipes (tiny, demo) keep eager mode and foreach AdamW; the ViT-L recipes shard
+    AdamW's state (ZeRO-1)."""
+    cfg = load_run_config(name)
+    gpu = cfg.infra.use_gpu
+    assert cfg.precision.compile is gpu and (cfg.optim.adamw == "fused") is gpu, name
+    assert cfg.optim.sharding == ("zero1" if cfg.model.name.startswith("ViT-L") else "none")
+    with pytest.raises(RunConfigError, match=r"optim\.sharding"):
+        load_run_config(name, ["optim.sharding=zero3"])
+
+
 def test_per_worker_batch_is_derived_from_the_worker_count() -> None:
     """32,768 over 256 GPUs = 128 each; over 64 GPUs with 2 accumulation steps = 256."""
     assert load_run_config("vit-l14").per_worker_batch == 128

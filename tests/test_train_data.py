@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -92,7 +93,9 @@ def test_work_units_come_from_the_manifest_without_reading_footers(
         raise AssertionError("a footer was read")
 
     monkeypatch.setattr(pq, "ParquetFile", no_footers)
-    assert manifest_units(urls, manifest) == from_footers
+    planned = manifest_units(urls, manifest)
+    assert planned is not None
+    assert [{k: u[k] for k in ("url", "row_group", "rows")} for u in planned] == from_footers
     monkeypatch.undo()
     old = {
         **manifest,
@@ -105,3 +108,119 @@ def test_work_units_come_from_the_manifest_without_reading_footers(
     (dest / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     report = validate_dataset(dest)
     assert not report.success and "row_groups" in report.summary() + json.dumps(report.failures)
+
+
+def _ingested(tmp_path: Path) -> Path:
+    from clip_data.ingest import IngestConfig, ingest
+    from clip_data.shard_format import ShardConfig
+
+    dest = tmp_path / "shards"
+    layout = ShardConfig(target_shard_bytes=12_000, row_group_rows=7)
+    ingest(
+        "synthetic:train=60,test=10,image_size=16",
+        dest,
+        IngestConfig(workers=1, shards=layout),
+        progress=False,
+    )
+    return dest
+
+
+def _split_keys(units: list[dict[str, Any]], split: str) -> list[str]:
+    """The keys of ``split`` in unit order, each unit's ``skip``/``take`` applied when it has
+    them, read from the files (the truth to plan against)."""
+    import pyarrow.parquet as pq
+
+    keys: list[str] = []
+    for u in units:
+        table = pq.ParquetFile(u["url"]).read_row_group(u["row_group"])
+        rows = table.select(["key", "split"]).to_pylist()
+        of_split = [r["key"] for r in rows if r["split"] == split]
+        first = u.get("skip", 0)
+        keys += of_split[first : first + u.get("take", len(of_split))]
+    return keys
+
+
+def test_a_resumed_epoch_starts_at_its_row_without_decoding_the_rows_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest's per-split row counts per row group locate row N of the split; the
+    planned units hold exactly rows [N, M) and only those rows reach the decoder."""
+    import json
+
+    from clip_data.shard_format import read_manifest
+    from clip_data.validate import validate_dataset
+    from clip_train import data
+
+    dest = _ingested(tmp_path)
+    manifest = read_manifest(dest)
+    urls = data.shard_urls(str(dest), manifest)
+    units = data.manifest_units(urls, manifest)
+    assert units is not None
+    train_keys = _split_keys(units, "train")
+    assert len(train_keys) == 60 and len(_split_keys(units, "test")) == 10
+    assert sum(u["split_rows"].get("train", 0) for u in units) == 60
+
+    planned = data.plan_row_range(units, "train", 13, 41)
+    assert planned is not None and sum(u["take"] for u in planned) == 28
+    assert len(planned) < len(units)  # the row groups before row 13 are not even opened
+    decoded: list[str] = []
+
+    def keys_only(batch: dict[str, np.ndarray], **_: object) -> dict[str, np.ndarray]:
+        decoded.extend(str(k) for k in batch["key"])
+        return {}
+
+    monkeypatch.setattr(data, "preprocess_rows", keys_only)
+    items = {
+        k: np.array([u[k] for u in planned], dtype=object)
+        for k in ("url", "row_group", "skip", "take")
+    }
+    list(data.load_units(items, split="train", chunk=4))
+    assert decoded == train_keys[13:41]
+    monkeypatch.undo()
+
+    assert data.plan_row_range(units, "train", 0, 60) is not None
+    with pytest.raises(data.DataError, match="fewer than 61"):
+        data.plan_row_range(units, "train", 0, 61)
+    old = [{k: v for k, v in u.items() if k != "split_rows"} for u in units]
+    assert data.plan_row_range(old, "train", 13, 41) is None  # older manifest: no plan
+
+    assert validate_dataset(dest).success
+    manifest["shards"][0]["row_group_splits"][0] = {"train": 1}
+    (dest / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    report = validate_dataset(dest)
+    assert not report.success and "row_group_splits" in report.summary() + json.dumps(
+        report.failures
+    )
+
+
+def test_each_rank_gets_an_equal_contiguous_share_of_the_rest_of_the_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 ranks, batch 8, 7 batches per epoch, 2 done: rows [16, 36) and [36, 56)."""
+    from clip_data.shard_format import read_manifest
+    from clip_train import loop
+    from clip_train.config import load_run_config
+    from clip_train.data import manifest_units, shard_urls
+    from clip_train.state import Progress
+
+    dest = _ingested(tmp_path)
+    manifest = read_manifest(dest)
+    every = _split_keys(manifest_units(shard_urls(str(dest), manifest), manifest) or [], "train")
+    cfg = load_run_config("tiny", ["data.global_batch_size=8", "infra.num_workers=2"])
+    job = loop.JobSpec(
+        model_config={},
+        merges=[],
+        context_length=8,
+        steps_per_epoch=7,
+        total_steps=70,
+        tracking=None,
+        shards=str(dest),
+    )
+    planned: list[list[dict[str, Any]]] = []
+    monkeypatch.setattr(loop, "epoch_dataset", lambda c, j, urls, units: planned.append(units))
+    for rank in (0, 1):
+        loop.resumed_epoch_dataset(cfg, job, Progress(9, 1, 2, 72), rank, 2)
+        assert loop.resumed_epoch_dataset(cfg, job, Progress(7, 1, 0, 56), rank, 2) is None
+    assert [sum(u["take"] for u in units) for units in planned] == [20, 20]
+    assert _split_keys(planned[0], "train") == every[16:36]
+    assert _split_keys(planned[1], "train") == every[36:56]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from dist_workers import fast_stepper, make_batch, make_model, optimised_step_worker
 from safetensors.torch import load_file
-from train_workers import MODEL, make_stepper, step_worker
+from train_workers import MODEL, make_stepper, step_worker, zero_worker
 
 from clip_core.checkpoint import load_checkpoint
 from clip_train.config import OptimSection, PrecisionSection
@@ -61,6 +61,23 @@ def test_two_workers_reproduce_one_process_on_the_global_batch(tmp_path: Path, a
     assert moved > 1e-4  # the steps did something
     for name, ref in ref_params.items():
         torch.testing.assert_close(got[f"param.{name}"], ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_zero1_shards_adamw_state_and_gives_the_same_update(tmp_path: Path) -> None:
+    """optim.sharding=zero1 on 2 gloo ranks: the weights equal one process's on the global
+    batch, each rank holds the moments of only part of the parameters, and a checkpoint
+    (consolidated, safetensors) reloaded into a new sharded optimiser continues exactly."""
+    spawn_two(zero_worker, str(tmp_path / "rendezvous-zero"), str(tmp_path), (N, STEPS))
+    got = load_file(str(tmp_path / "zero.safetensors"))
+    _, ref_params = single_process(accum=1)
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(got[f"after.{name}"], ref, rtol=1e-4, atol=1e-5, msg=name)
+    counts, total = got["counts"].tolist(), int(got["total"])
+    assert all(0 < c < total for c in counts) and sum(counts) == total, (counts, total)
+    for name in ref_params:
+        torch.testing.assert_close(got[f"reloaded.{name}"], got[f"continued.{name}"], msg=name)
+    moved = max(float((got[f"continued.{k}"] - got[f"after.{k}"]).abs().max()) for k in ref_params)
+    assert moved > 1e-5  # the extra step did something
 
 
 def test_accumulation_is_exact_in_one_process() -> None:
