@@ -38,8 +38,9 @@ from clip_data.shards import iter_rows
 # the fixture takes ~4 min on a quiet machine, 10+ min on a shared one
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-TRAIN, TEST, BATCH, EPOCHS, EVERY = 2048, 384, 128, 5, 16
-TOTAL = TRAIN // BATCH * EPOCHS  # 80 optimiser steps
+TRAIN, TEST, BATCH, EPOCHS, EVERY = 2048, 384, 128, 5, 12
+PER_EPOCH = TRAIN // BATCH  # 16: checkpoints every 12 steps fall mid-epoch
+TOTAL = PER_EPOCH * EPOCHS  # 80 optimiser steps
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,7 @@ def test_resumes_to_exactly_the_configured_steps(killed_and_resumed: Any) -> Non
     state = load_file(str(final[0] / "optimizer.safetensors"))
     adam_steps = {float(v) for k, v in state.items() if k.endswith(".step")}
     assert adam_steps == {float(TOTAL)}, adam_steps
-    assert _registered_steps(run_dir) == [TOTAL - EVERY, TOTAL]  # checkpoint.keep = 2
+    assert _registered_steps(run_dir) == [TOTAL // EVERY * EVERY, TOTAL]  # checkpoint.keep = 2
 
 
 def test_progress_lines_are_printed_without_a_terminal(killed_and_resumed: Any) -> None:
@@ -212,6 +213,21 @@ def test_loss_curve_continues_from_checkpoints(killed_and_resumed: Any) -> None:
     assert set(range(1, TOTAL + 1)) <= set(losses), sorted(set(range(1, TOTAL + 1)) - set(losses))
     first_after = losses[killed_at + 1]
     assert first_after < losses[1] - 0.5, (losses[1], first_after)
+
+
+def test_a_mid_epoch_resume_starts_at_its_row_without_decoding_the_rows_before(
+    killed_and_resumed: Any,
+) -> None:
+    """Every restart from a checkpoint inside an epoch (the worker restart at step 12, epoch
+    0 batch 12, and the rerun) planned the rest of the epoch from the manifest: rank 0
+    records how many rows of the epoch it passed over without reading them."""
+    root, _, _, _ = killed_and_resumed
+    resumes = [int(v) for _, v in _metric(root, "train/resume_step")][1:]
+    mid_epoch = [r for r in resumes if r % PER_EPOCH]
+    assert mid_epoch, resumes  # checkpoints every 12 of 16 steps: at least the first restart
+    passed_over = dict(_metric(root, "train/resume_rows_not_decoded"))
+    for step in mid_epoch:
+        assert passed_over.get(step) == (step % PER_EPOCH) * BATCH, (step, passed_over)
 
 
 def test_trained_model_beats_chance_on_held_out_data(killed_and_resumed: Any, shards: Path) -> None:
