@@ -22,7 +22,8 @@ from dataclasses import dataclass
 #: What to install for an architecture the default wheels dropped (by compute capability).
 BUILD_FOR_OLD_GPUS = (
     "the CUDA 12.6 build of torch from PyTorch's wheel index (the last builds with sm_70 "
-    "kernels; PyPI's default Linux wheels are CUDA 13 builds without them)"
+    "kernels; PyPI's default Linux wheels are CUDA 13 builds without them): "
+    "`./dev install --cuda=v100` (requirements-v100.lock)"
 )
 _ARCH = re.compile(r"^(sm|compute)_(\d+)(\d)[a-z]?$")
 

@@ -42,6 +42,7 @@ def test_v100_on_a_cuda13_build_names_gpu_build_and_fix() -> None:
     text = str(caught.value)
     assert "Tesla V100-SXM2-32GB (sm_70) cannot run torch 2.13.0+cu130 (CUDA 13.0)" in text
     assert "sm_75, sm_80" in text and "CUDA 12.6 build" in text
+    assert "./dev install --cuda=v100" in text and "requirements-v100.lock" in text
     assert "\n" not in text
 
 
