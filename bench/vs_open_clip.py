@@ -132,6 +132,7 @@ class PairResult:
     grad_rel_diff: float
     update_rel_diff: float
     clipops_adamw: str
+    open_clip_adamw: str
     clipops_pairs_per_s: float
     open_clip_pairs_per_s: float
     ratio: float  # clipops pairs/s / open_clip pairs/s
@@ -261,8 +262,10 @@ def build_open_clip(oc: OpenClip, config: dict[str, Any], quick_gelu: bool = Tru
     return model
 
 
-def open_clip_optimizer(model: nn.Module) -> torch.optim.AdamW:
-    """AdamW as ``open_clip_train/main.py`` builds it (torch's default implementation)."""
+def open_clip_optimizer(model: nn.Module, implementation: str = "default") -> torch.optim.AdamW:
+    """AdamW as ``open_clip_train/main.py`` builds it: its parameter groups, and torch's
+    default implementation (the for-loop on CPU), or ``"fused"``/``"foreach"`` to give
+    both sides the same AdamW kernel."""
 
     def exclude(n: str, p: nn.Parameter) -> bool:
         return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
@@ -276,16 +279,18 @@ def open_clip_optimizer(model: nn.Module) -> torch.optim.AdamW:
         lr=LR,
         betas=BETAS,
         eps=EPS,
+        fused=True if implementation == "fused" else None,
+        foreach=True if implementation == "foreach" else None,
     )
 
 
 class OpenClipSide:
     """open_clip's training step (``open_clip_train/train.py``, fp32, no accumulation)."""
 
-    def __init__(self, oc: OpenClip, model: nn.Module) -> None:
+    def __init__(self, oc: OpenClip, model: nn.Module, adamw: str = "default") -> None:
         self.model = model
         self.loss_fn: nn.Module = oc.loss.ClipLoss(cache_labels=True)  # as create_loss builds it
-        self.optimizer = open_clip_optimizer(model)
+        self.optimizer = open_clip_optimizer(model, adamw)
 
     def step(self, images: torch.Tensor, tokens: torch.Tensor) -> float:
         """One update; returns the loss."""
@@ -375,8 +380,20 @@ def _check(what: str, value: float, tol: float) -> None:
         raise RuntimeError(f"clipops and open_clip differ: {what} {value:.2e} (tol {tol:.0e})")
 
 
-def compare_model(oc: OpenClip, name: str, plan: Plan, adamw: str, seed: int = 0) -> PairResult:
-    """Check that both sides train the same model the same way, then time them interleaved."""
+def compare_model(
+    oc: OpenClip,
+    name: str,
+    plan: Plan,
+    adamw: str,
+    *,
+    seed: int = 0,
+    open_clip_adamw: str | None = None,
+) -> PairResult:
+    """Check that both sides train the same model the same way, then time them interleaved.
+
+    ``open_clip_adamw``: open_clip's AdamW kernel; ``None`` = the same as clipops' ``adamw``
+    (the fair default), ``"default"`` = what open_clip's trainer gets from torch."""
+    theirs_adamw = adamw if open_clip_adamw is None else open_clip_adamw
     cfg = get_model_config(name)
     config, source = open_clip_config(oc, cfg)
     torch.manual_seed(seed)
@@ -392,7 +409,7 @@ def compare_model(oc: OpenClip, name: str, plan: Plan, adamw: str, seed: int = 0
             counted_forward_gflops(create_model(name), cfg),
             counted_forward_gflops(build_open_clip(oc, config), cfg),
         )
-    a, b = ClipopsSide(ours, adamw), OpenClipSide(oc, theirs)  # channels-last from here
+    a, b = ClipopsSide(ours, adamw), OpenClipSide(oc, theirs, theirs_adamw)  # channels-last next
     images, tokens = make_inputs(ours, plan.batch, torch.Generator().manual_seed(seed))
     diff = _features(ours, images, tokens) - _features(theirs, images, tokens)  # [2, B, D]
     feature_diff = float(diff.abs().max())
@@ -430,6 +447,7 @@ def compare_model(oc: OpenClip, name: str, plan: Plan, adamw: str, seed: int = 0
         grad_rel_diff=grad_diff,
         update_rel_diff=update_diff,
         clipops_adamw=adamw,
+        open_clip_adamw=theirs_adamw,
         clipops_pairs_per_s=plan.batch / (med_a / 1e3),
         open_clip_pairs_per_s=plan.batch / (med_b / 1e3),
         ratio=med_b / med_a,
@@ -446,8 +464,10 @@ def run_comparison(
     batch: int | None = None,
     steps: int | None = None,
     wheel: Path | None = None,
+    open_clip_adamw: str | None = None,
 ) -> list[PairResult]:
-    """Every model in turn (progress printed); per-model plans unless overridden."""
+    """Every model in turn (progress printed); per-model plans unless overridden;
+    ``open_clip_adamw`` as in :func:`compare_model`."""
     oc = load_open_clip(find_wheel(wheel))
     adamw = "fused" if fused_adamw_available() else "foreach"
     results = []
@@ -455,7 +475,7 @@ def run_comparison(
         plan = PLANS.get(name, PLANS["ViT-B-32"])
         plan = replace(plan, batch=batch or plan.batch, steps=steps or plan.steps)
         t0 = time.perf_counter()
-        results.append(compare_model(oc, name, plan, adamw))
+        results.append(compare_model(oc, name, plan, adamw, open_clip_adamw=open_clip_adamw))
         r = results[-1]
         print(
             f"  {name}: clipops {r.clipops_pairs_per_s:.2f} pairs/s, open_clip "
@@ -499,6 +519,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--wheel", type=Path, help=f"open_clip_torch wheel (default: {WHEEL_CACHE})")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
+    p.add_argument(
+        "--open-clip-adamw",
+        choices=("same", "default"),
+        default="same",
+        help="open_clip's AdamW: the same kernel as clipops (default), or torch's default "
+        "(what open_clip's trainer gets: the for-loop on CPU)",
+    )
     args = p.parse_args(argv)
     check_args(p, args, models=args.models)
     return args
@@ -513,7 +540,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine_line(info, load), flush=True)
     started = time.perf_counter()
     try:
-        results = run_comparison(args.models, batch=args.batch, steps=args.steps, wheel=args.wheel)
+        results = run_comparison(
+            args.models,
+            batch=args.batch,
+            steps=args.steps,
+            wheel=args.wheel,
+            open_clip_adamw=None if args.open_clip_adamw == "same" else "default",
+        )
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

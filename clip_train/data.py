@@ -131,12 +131,15 @@ def manifest_units(urls: list[str], manifest: dict[str, Any]) -> list[dict[str, 
         return None
     units = []
     for url, shard in zip(urls, shards, strict=True):
+        groups = shard["row_groups"]
         splits = shard.get("row_group_splits")
-        for i, rows in enumerate(shard["row_groups"]):
-            unit: dict[str, Any] = {"url": url, "row_group": i, "rows": int(rows)}
-            if splits is not None and len(splits) == len(shard["row_groups"]):
-                unit["split_rows"] = {str(k): int(v) for k, v in splits[i].items()}
-            units.append(unit)
+        if splits is not None and len(splits) == len(groups):
+            units += [  # the manifest's dicts are shared, not copied: fewer objects to collect
+                {"url": url, "row_group": i, "rows": rows, "split_rows": splits[i]}
+                for i, rows in enumerate(groups)
+            ]
+        else:
+            units += [{"url": url, "row_group": i, "rows": rows} for i, rows in enumerate(groups)]
     return units
 
 

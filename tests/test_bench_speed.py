@@ -243,8 +243,8 @@ def test_open_clip_comparison_rejects_a_different_optimiser_step(
     oc = vs_open_clip.load_open_clip(open_clip_wheel)
     original = vs_open_clip.open_clip_optimizer
 
-    def doubled_lr(model: torch.nn.Module) -> torch.optim.AdamW:
-        optimizer = original(model)
+    def doubled_lr(model: torch.nn.Module, implementation: str = "default") -> torch.optim.AdamW:
+        optimizer = original(model, implementation)
         for group in optimizer.param_groups:
             group["lr"] *= 2
         return optimizer
