@@ -7,12 +7,12 @@ whatever the number of shards). The baseline is what the driver did before: open
 shard and read its Parquet footer, one after another (``clip_train.data.row_group_units``).
 
 The shard directory is built once per size: one real ingest shard (``clip_data.ingest`` on the
-synthetic source, two row groups) copied ``n`` times under new names, and a manifest listing
-every copy, on local disk and, with ``--s3``, uploaded to an S3-compatible endpoint on loopback
-(moto's threaded server; uploads are set-up, not timed). Both paths must give the same units
-before anything is timed. Each size alternates manifest and scan over ``--rounds`` and reports
-medians; the ratio is scan / manifest. ``growth`` is the time at each size over the time at
-the smallest (linear growth in shards = the size ratio).
+synthetic source: 32 rows in 4 row groups) copied ``n`` times under new names, and a manifest
+listing every copy, on local disk and, with ``--s3``, uploaded to an S3-compatible endpoint on
+loopback (moto's threaded server; uploads are set-up, not timed). Both paths must give the same
+units before anything is timed. Each size alternates manifest and scan over ``--rounds`` and
+reports medians; the ratio is scan / manifest. ``growth`` is the time at each size over the
+time at the smallest (linear growth in shards = the size ratio).
 
     .venv/bin/python -m bench.data_startup [--shards 1000 3000 10000] [--s3] [--rounds 2]
 """
