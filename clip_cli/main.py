@@ -49,6 +49,12 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return run_promote(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from clip_registry.serving import run_serve
+
+    return run_serve(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import prefect_defaults, run_demo_chain
 
@@ -303,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", help="re-apply the promotion rule (moves alias champion)")
     add_promote_arguments(p)
     p.set_defaults(handler=_cmd_promote)
+
+    from clip_registry.serving import add_serve_arguments
+
+    p = sub.add_parser(
+        "serve", help="serve a registered model (MLflow's scoring server, size-capped requests)"
+    )
+    add_serve_arguments(p)
+    p.set_defaults(handler=_cmd_serve)
 
     p = sub.add_parser("eval", help="run an evaluation suite on a checkpoint")
     p.add_argument(

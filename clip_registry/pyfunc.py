@@ -14,8 +14,10 @@ raw bytes) and/or a ``text`` column; params ``task`` (``embed`` | ``zero_shot``)
   ``probabilities`` (softmax over ``labels``, in the order given, at the model's learned
   temperature).
 
-Malformed input raises ``MlflowException`` with error code ``INVALID_PARAMETER_VALUE``, which
-MLflow's scoring server answers with HTTP 400 and the message.
+Malformed input raises ``MlflowException`` with error code ``INVALID_PARAMETER_VALUE`` (HTTP
+400). Served, the client gets only the error's data-free ``public`` reason, and request bodies
+are capped in size (:mod:`clip_registry.serving`, whose guard ``load_context`` installs in
+MLflow's own scoring server too).
 
 The model runs on ``$CLIPOPS_SERVE_DEVICE`` (default ``cpu``; e.g. ``cuda`` on a GPU host).
 """
@@ -31,12 +33,14 @@ import torch.nn.functional as F
 from mlflow.pyfunc import PythonModel
 
 from clip_core.checkpoint import load_checkpoint
+from clip_core.images import ImageTooLargeError
 from clip_core.model import CLIP
 from clip_core.tokenizer import ClipTokenizer
 from clip_core.transforms import EvalTransform, decode_image
 from clip_core.zeroshot import build_classifier
 from clip_registry.device import serving_device
 from clip_registry.request import ClipRequest, RequestError, parse_request
+from clip_registry.serving import install_in_mlflow_scoring_server, report_request_error
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 BATCH = 64
@@ -73,9 +77,10 @@ class ClipEmbedder:
                 pixels.append(self.transform(decode_image(data)))  # [3, R, R]
             except Exception as exc:  # PIL raises many types for undecodable bytes
                 row = i if rows is None else rows[i]
-                raise RequestError(
-                    f"row {row}: column 'image' is not a decodable image ({exc})"
-                ) from exc
+                public = f"row {row}: column 'image' is not a decodable image"
+                if isinstance(exc, ImageTooLargeError):
+                    public = f"row {row}: column 'image' declares too many pixels"
+                raise RequestError(f"{public} ({exc})", public) from exc
         out = [
             F.normalize(
                 self.model.encode_image(torch.stack(pixels[s : s + BATCH]).to(self.device)), dim=-1
@@ -169,7 +174,12 @@ class ClipPyfuncModel(PythonModel):
         self.embedder: ClipEmbedder | None = None
 
     def load_context(self, context: Any) -> None:
-        """Load the checkpoint directory logged as artifact ``checkpoint``."""
+        """Load the checkpoint directory logged as artifact ``checkpoint``.
+
+        Loaded by MLflow's scoring server (``mlflow models serve``), it also puts the request
+        guard in front of that server (:func:`install_in_mlflow_scoring_server`).
+        """
+        install_in_mlflow_scoring_server()
         self.embedder = ClipEmbedder.from_checkpoint(
             context.artifacts[CHECKPOINT_ARTIFACT], serving_device()
         )
@@ -191,5 +201,6 @@ class ClipPyfuncModel(PythonModel):
             request = parse_request(_columns(model_input), params)
             records = self.embedder.predict(request)
         except RequestError as exc:
+            report_request_error(exc.public)  # what a client of the served model gets
             raise MlflowException.invalid_parameter_value(f"clipops: {exc}") from exc
         return pd.DataFrame.from_records(records)

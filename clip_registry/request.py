@@ -9,9 +9,14 @@ column, plus params:
 - ``templates``: prompt templates containing ``{}`` (zero_shot only; default
   ``["a photo of a {}."]``).
 
+At most ``MAX_ROWS`` rows, ``MAX_LABELS`` labels and ``MAX_TEMPLATES`` templates per request
+(the scoring server also caps the body's size: :mod:`clip_registry.serving`).
+
 An image cell is the encoded file (PNG, JPEG, ...) as raw ``bytes`` or as a base64 string
 (the only way to carry bytes in JSON; a ``data:image/...;base64,`` URL works too). Every
-problem raises :class:`RequestError` with a one-line message naming the row or param at fault.
+problem raises :class:`RequestError` with a one-line message naming the row or param at fault;
+its :attr:`RequestError.public` form names only positions and field names (no cell values,
+labels or templates), and is what the scoring server answers with (:mod:`clip_registry.serving`).
 """
 
 from __future__ import annotations
@@ -28,10 +33,22 @@ IMAGE_COLUMN = "image"
 TEXT_COLUMN = "text"
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 MAX_LABELS = 1000
+MAX_TEMPLATES = 100
+MAX_ROWS = 10_000
 
 
 class RequestError(ValueError):
-    """A malformed scoring request (the server answers it with HTTP 400)."""
+    """A malformed scoring request (the server answers it with HTTP 400).
+
+    ``str(exc)`` may quote the offending values (for in-process callers); ``exc.public`` is a
+    one-line reason that names the row, column or param at fault by position or field name
+    only, and is the only part a client sees. ``public`` defaults to the message, so a message
+    without a separate ``public`` must not contain request data.
+    """
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = message if public is None else public
 
 
 @dataclass(frozen=True)
@@ -66,7 +83,10 @@ def decode_image_cell(value: Any, row: int) -> bytes | None:
         try:
             data = base64.b64decode("".join(value.split()), validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise RequestError(f"row {row}: column 'image' is not valid base64 ({exc})") from exc
+            raise RequestError(
+                f"row {row}: column 'image' is not valid base64 ({exc})",
+                f"row {row}: column 'image' is not valid base64",
+            ) from exc
     else:
         raise RequestError(
             f"row {row}: column 'image' must be bytes or a base64 string, "
@@ -98,6 +118,17 @@ def _string_list(params: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
     return tuple(raw)
 
 
+def _repeats(items: Sequence[str]) -> list[int]:
+    """Positions of the items equal to an earlier one."""
+    seen: set[str] = set()
+    out = []
+    for i, x in enumerate(items):
+        if x in seen:
+            out.append(i)
+        seen.add(x)
+    return out
+
+
 def _zero_shot_params(params: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     labels = _string_list(params, "labels") or ()
     labels = tuple(label.strip() for label in labels)
@@ -105,15 +136,26 @@ def _zero_shot_params(params: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple
         raise RequestError(
             "task zero_shot needs params.labels: a non-empty list of non-blank class names"
         )
-    if len(set(labels)) != len(labels):
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        raise RequestError(f"params.labels has duplicates: {dup}")
     if len(labels) > MAX_LABELS:
         raise RequestError(f"params.labels has {len(labels)} entries; at most {MAX_LABELS}")
+    again = _repeats(labels)
+    if again:
+        raise RequestError(
+            f"params.labels has duplicates: {sorted({labels[i] for i in again})}",
+            f"params.labels has duplicates at positions {again[:10]}",
+        )
     templates = _string_list(params, "templates") or DEFAULT_TEMPLATES
-    bad = [t for t in templates if t.count("{}") != 1]
+    if len(templates) > MAX_TEMPLATES:
+        raise RequestError(
+            f"params.templates has {len(templates)} entries; at most {MAX_TEMPLATES}"
+        )
+    bad = [i for i, t in enumerate(templates) if t.count("{}") != 1]
     if bad:
-        raise RequestError(f"params.templates must each contain '{{}}' exactly once: {bad}")
+        rule = "must each contain '{}' exactly once"
+        raise RequestError(
+            f"params.templates {rule}: {[templates[i] for i in bad]}",
+            f"params.templates at positions {bad[:10]} {rule}",
+        )
     return labels, templates
 
 
@@ -124,15 +166,22 @@ def parse_request(
     params = dict(params or {})
     task = params.get("task") or "embed"
     if task not in TASKS:
-        raise RequestError(f"params.task must be one of {list(TASKS)}, got {task!r}")
+        message = f"params.task must be one of {list(TASKS)}"
+        raise RequestError(f"{message}, got {task!r}", message)
     unknown = sorted(set(columns) - {IMAGE_COLUMN, TEXT_COLUMN})
     if unknown:
-        raise RequestError(f"unknown input columns {unknown}; expected 'image' and/or 'text'")
+        where = [i for i, c in enumerate(columns) if c not in (IMAGE_COLUMN, TEXT_COLUMN)]
+        raise RequestError(
+            f"unknown input columns {unknown}; expected 'image' and/or 'text'",
+            f"unknown input columns at positions {where[:10]}; expected 'image' and/or 'text'",
+        )
     if IMAGE_COLUMN not in columns and TEXT_COLUMN not in columns:
         raise RequestError("the input needs an 'image' column (base64) and/or a 'text' column")
     n = len(next(iter(columns.values())))
     if n == 0:
         raise RequestError("the input has no rows")
+    if n > MAX_ROWS:
+        raise RequestError(f"the input has {n} rows; at most {MAX_ROWS} per request")
     image_cells = columns.get(IMAGE_COLUMN, [None] * n)
     text_cells = columns.get(TEXT_COLUMN, [None] * n)
     images = tuple(decode_image_cell(v, i) for i, v in enumerate(image_cells))
