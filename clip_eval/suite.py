@@ -40,6 +40,7 @@ from clip_core.tokenizer import ClipTokenizer
 from clip_core.yamlio import load_yaml
 from clip_core.zeroshot import DEFAULT_TEMPLATE, ClassifierCache, classification_metrics
 from clip_eval.datasets import EvalDataset, Split, load_dataset, split_for_probe
+from clip_eval.paired import PER_EXAMPLE, example_ids, per_example
 
 TASK_TYPES = ("zero_shot", "linear_probe", "few_shot", "retrieval", "robustness")
 TASK_OPTIONS: dict[str, dict[str, Any]] = {
@@ -304,9 +305,16 @@ class Runner:
         templates: Sequence[str],
     ) -> dict[str, float]:
         """Metrics of the ensembled classifier on precomputed projected embeddings [N, D]."""
+        logits = self.zero_shot_logits(embeddings, classnames, templates)  # [N, C]
+        return classification_metrics(logits, torch.tensor(labels))
+
+    def zero_shot_logits(
+        self, embeddings: np.ndarray, classnames: Sequence[str], templates: Sequence[str]
+    ) -> torch.Tensor:
+        """Cosine logits [N, C] of the ensembled classifier on projected embeddings [N, D]."""
         weights = self.classifier(classnames, templates)  # [C, D]
         feats = F.normalize(torch.from_numpy(embeddings).float(), dim=-1)  # [N, D]
-        return classification_metrics(feats @ weights.T, torch.tensor(labels))
+        return feats @ weights.T
 
 
 # --------------------------------------------------------------------------- tasks
@@ -330,6 +338,11 @@ def _zero_shot(run: Runner, ds: EvalDataset, task: Task) -> dict[str, Any]:
         "metrics": {**ensemble, "chance": 1 / len(ds.classnames), "ensembling": gain},
         "templates": list(templates),
         "images": len(ds.test),
+        PER_EXAMPLE: per_example(  # pairs this evaluation with another (promotion)
+            example_ids(ds.test.images),
+            run.zero_shot_logits(emb, ds.classnames, templates).numpy(),
+            labels,
+        ),
     }
 
 
@@ -490,7 +503,8 @@ def run_suite(
 
     Record keys: ``suite``, ``dataset``, ``dataset_options``, ``model``, ``checkpoint_sha256``,
     ``task``, ``options``, ``metrics``, ``classnames``, ``templates``, ``timing`` (``seconds``,
-    ``images``, ``images_per_s``). ``cache_dir`` enables the on-disk feature cache.
+    ``images``, ``images_per_s``), and for zero-shot ``per_example`` (image content ids and
+    0/1 top-1 outcomes, :mod:`clip_eval.paired`). ``cache_dir`` enables the on-disk feature cache.
     """
     model = (
         model_path
@@ -520,6 +534,7 @@ def run_suite(
             "task": task.task,
             "options": task.options,
             "metrics": out["metrics"],
+            **({PER_EXAMPLE: out[PER_EXAMPLE]} if PER_EXAMPLE in out else {}),
             "classnames": list(ds.classnames),
             "templates": out["templates"],
             "timing": {

@@ -40,7 +40,9 @@ def add_overlap_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "on", "off"],
         default="auto",
         help="re-score each query's top candidates by aligned comparison "
-        "(auto: with --detector only)",
+        "(auto: with --detector only). Unverified, only planted copies in the shards "
+        "calibrate the detector: otherwise its candidates are reported as unverified, "
+        "not as contamination",
     )
     p.add_argument("--verify-k", type=int, default=5, help="candidates verified per query")
     p.add_argument("--threads", type=int, default=None, help="torch/faiss threads")
@@ -126,9 +128,13 @@ def _line(r: dict[str, Any]) -> str:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
+    status = str(r.get("status", "-"))
+    unverified = ""
+    if r.get("unverified_candidates"):
+        unverified = f"; {r['unverified_candidates']} unverified candidates, not counted"
     return (
-        f"contamination {pct(r['contamination'])} ({r['n_overlap']}/{r['n_all']}), "
-        f"All {pct(r['acc_all'])}, Clean {pct(r['acc_clean'])}, "
+        f"[{status}{unverified}] contamination {pct(r['contamination'])} "
+        f"({r['n_overlap']}/{r['n_all']}), All {pct(r['acc_all'])}, Clean {pct(r['acc_clean'])}, "
         f"p (Bonferroni) {r['p_value_bonferroni']}, threshold {r['threshold']:.4f}"
     )
 

@@ -8,9 +8,11 @@
    Verification (on by default with the dedicated detector): each query's top-k rows are
    fetched from the shards (only those rows' row groups) and re-scored by aligned
    comparison (:mod:`clip_overlap.verify`); the best verified candidate is the match.
-3. Per dataset: threshold calibration (:mod:`clip_overlap.calibrate`), Overlap/Clean split,
-   per-example zero-shot correctness (``clip_eval.suite.Runner``), statistics
-   (:mod:`clip_core.overlap_stats`), Bonferroni across datasets.
+3. Per dataset: threshold calibration (:mod:`clip_overlap.calibrate`), the detection's
+   status (:mod:`clip_overlap.status`: candidates of an uncalibrated, unverified detector
+   are ``unverified_candidates``, not overlap), Overlap/Clean split, per-example zero-shot
+   correctness (``clip_eval.suite.Runner``), statistics (:mod:`clip_core.overlap_stats`),
+   Bonferroni across datasets.
 4. Files (:mod:`clip_overlap.report`): ``overlap.json``, ``overlap.md``, ``overlap.png``,
    ``pr_curve.json`` (+ ``pr_curve.png``), ``matches.jsonl``, ``contact_sheet.png``.
 """
@@ -36,6 +38,7 @@ from clip_overlap.calibrate import Calibration, calibrate, simulated_pairs
 from clip_overlap.embed import ClipEmbedder, DetectorEmbedder, Embedder, ImageLike, embed_all
 from clip_overlap.index import SearchConfig, SearchResult, search_stream
 from clip_overlap.shards import count_rows, fetch_rows, iter_batches
+from clip_overlap.status import counts_as_contamination, dataset_status, report_status
 from clip_overlap.verify import VerifyConfig, load_pixels, verify_pairs
 
 VERIFY_MODES = ("auto", "on", "off")
@@ -213,6 +216,32 @@ def verified_top1(
     return scores, best
 
 
+def _calibration(
+    target: _Target,
+    scores: np.ndarray,
+    truth: np.ndarray,
+    *,
+    embedder: Embedder,
+    config: OverlapConfig,
+    verified: bool,
+) -> Calibration:
+    """The threshold: from the planted ground truth when there is one, else simulated."""
+    if truth.any():
+        return calibrate(
+            scores, truth, "planted-in-shards",
+            min_precision=config.min_precision, manual=config.threshold,
+        )  # fmt: skip
+    pair_scores, labels = simulated_pairs(
+        embedder, target.dataset.test.images, target.queries, scores,
+        copies=config.calibration_copies, seed=config.seed,
+        verifier=config.verifier if verified else None,
+    )  # fmt: skip
+    return calibrate(
+        pair_scores, labels, "simulated",
+        min_precision=config.min_precision, manual=config.threshold,
+    )  # fmt: skip
+
+
 def _dataset_result(
     target: _Target,
     top1: tuple[np.ndarray, np.ndarray],
@@ -223,6 +252,12 @@ def _dataset_result(
     config: OverlapConfig,
     verified: bool,
 ) -> tuple[dict[str, Any], Calibration, np.ndarray, np.ndarray, np.ndarray]:
+    """One dataset's record, calibration, scores [N], match ids [N] and counted overlap [N].
+
+    Candidates (exact duplicates and scores at or above the threshold) count as overlap only
+    when the detection's status allows it (:mod:`clip_overlap.status`); otherwise only the
+    exact duplicates do and the rest are ``unverified_candidates``.
+    """
     n = len(target.sha256)
     rows = slice(target.offset, target.offset + n)
     scores, ids = top1[0][rows].astype(np.float64), top1[1][rows].copy()
@@ -231,35 +266,28 @@ def _dataset_result(
         scores[i], ids[i] = 1.0, state.exact[target.sha256[i]]
     sha_planted = {state.key_sha[k]: v for k, v in state.planted.items() if k in state.key_sha}
     truth = np.array([sha in sha_planted for sha in target.sha256], dtype=bool)  # [N]
-    if truth.any():
-        cal = calibrate(
-            scores, truth, "planted-in-shards",
-            min_precision=config.min_precision, manual=config.threshold,
-        )  # fmt: skip
-    else:
-        pair_scores, labels = simulated_pairs(
-            embedder, target.dataset.test.images, target.queries, scores,
-            copies=config.calibration_copies, seed=config.seed,
-            verifier=config.verifier if verified else None,
-        )  # fmt: skip
-        cal = calibrate(
-            pair_scores, labels, "simulated",
-            min_precision=config.min_precision, manual=config.threshold,
-        )  # fmt: skip
-    overlap = exact | (scores >= cal.threshold)  # [N]
-    stats = overlap_statistics(correct, overlap).to_dict()
+    cal = _calibration(target, scores, truth, embedder=embedder, config=config, verified=verified)
     ground: dict[str, Any] | None = None
     if truth.any():
         precision, recall = precision_recall_at(
             np.where(exact, np.inf, scores), truth, cal.threshold
         )
         ground = {"planted": int(truth.sum()), "precision": precision, "recall": recall}
+    score = "verified" if verified else "cosine"
+    status = dataset_status(
+        cal.mode, score, None if ground is None else ground["precision"], config.min_precision
+    )
+    candidates = exact | (scores >= cal.threshold)  # [N]
+    overlap = candidates if counts_as_contamination(status) else exact  # [N]
+    stats = overlap_statistics(correct, overlap).to_dict()
     record = {
         "dataset": target.dataset.name,
         "dataset_options": target.dataset.options,
+        "status": status,
         **stats,
+        "unverified_candidates": int((candidates & ~overlap).sum()),
         **cal.to_dict(),
-        "score": "verified" if verified else "cosine",
+        "score": score,
         "exact_duplicates": int(exact.sum()),
         "ground_truth": ground,
     }
@@ -280,10 +308,14 @@ def run_overlap(
 
     ``detector`` is a directory from :func:`clip_overlap.detector.train_detector`; without
     one, ``embedding="clip"`` uses the model's image tower. Report keys: ``train``,
-    ``model``, ``embedding``, ``search``, ``datasets`` (label -> per-dataset record with
-    n_all, n_overlap, n_clean, contamination, acc_all, acc_clean, acc_overlap,
-    all_minus_clean, p_value, p_value_bonferroni, clean_ci_99_5, threshold, precision,
-    recall, ...), ``summary``, ``seconds``.
+    ``model``, ``embedding``, ``search``, ``status``, ``datasets`` (label -> per-dataset
+    record with status, n_all, n_overlap, n_clean, contamination, unverified_candidates,
+    acc_all, acc_clean, acc_overlap, all_minus_clean, p_value, p_value_bonferroni,
+    clean_ci_99_5, threshold, precision, recall, ...), ``summary``, ``seconds``.
+
+    ``status`` (:mod:`clip_overlap.status`): without a calibrated detector (no verification
+    and no planted copies reaching the target precision) the candidates above the threshold
+    are ``unverified_candidates``, never overlap; only exact duplicates count.
     """
     config = config or OverlapConfig()
     started = time.perf_counter()
@@ -326,6 +358,7 @@ def run_overlap(
         "embedding": {"kind": embedder.name, "dim": embedder.dim, "detector": str(detector or "")},
         "search": {"kind": result.kind, "k": config.search.k, "n_stored": result.n_stored},
         "score": "verified" if verified else "cosine",
+        "status": report_status(r["status"] for r in records.values()),
         "verify": config.verifier.to_dict() if verified else None,
         "min_precision": config.min_precision,
         "datasets": records,
@@ -364,12 +397,14 @@ def _needed_ids(
     details: dict[str, tuple[Calibration, np.ndarray, np.ndarray, np.ndarray]],
     config: OverlapConfig,
 ) -> set[int]:
-    """Stream ids of every flagged match and of the top unflagged ones per dataset."""
+    """Stream ids of every flagged match or unverified candidate and of the top other ones
+    per dataset."""
     needed: set[int] = set()
-    for _, scores, ids, overlap in details.values():
+    for cal, scores, ids, overlap in details.values():
+        listed = overlap | (scores >= cal.threshold)  # [N]
         order = np.argsort(-scores, kind="stable")
-        unflagged = [i for i in order if not overlap[i]][: config.listed_unflagged]
-        needed |= {int(ids[i]) for i in np.flatnonzero(overlap)} | {int(ids[i]) for i in unflagged}
+        unflagged = [i for i in order if not listed[i]][: config.listed_unflagged]
+        needed |= {int(ids[i]) for i in np.flatnonzero(listed)} | {int(ids[i]) for i in unflagged}
     return {i for i in needed if i >= 0}
 
 
@@ -386,4 +421,8 @@ def _summary(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "median_contamination": float(np.median(contamination)) if contamination else None,
         "mean_contamination": float(np.mean(contamination)) if contamination else None,
         "significant_after_bonferroni": significant,
+        "unverified_candidates": sum(r["unverified_candidates"] for r in records.values()),
+        "unverified_datasets": [
+            k for k, r in records.items() if not counts_as_contamination(r["status"])
+        ],
     }

@@ -7,8 +7,9 @@
   significance after Bonferroni marked by the marker;
 * ``pr_curve.json`` / ``pr_curve.png``: each dataset's precision/recall curve with the
   chosen threshold;
-* ``matches.jsonl``: every flagged pair and the best unflagged ones per dataset, with
-  similarities and the pretraining row's key;
+* ``matches.jsonl``: every flagged pair, every unverified candidate (above the threshold of
+  a detection that may not count it, :mod:`clip_overlap.status`) and the best other ones per
+  dataset, with similarities and the pretraining row's key;
 * ``contact_sheet.png``: the top matches side by side, for checking by eye.
 """
 
@@ -67,18 +68,19 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Embedding `{report['embedding']['kind']}`, search `{report['search']['kind']}` over "
         f"{report['n_train']} pretraining images; threshold for precision >= "
-        f"{report['min_precision']}.",
+        f"{report['min_precision']}. Status: **{report.get('status', '-')}**.",
         "",
-        "| dataset | N | overlap | contamination % | All % | Clean % | Overlap % | "
-        "All - Clean | p | p (Bonf.) | Clean 99.5% CI | threshold | precision | recall | "
-        "calibration |",
-        "|" + " --- |" * 15,
+        "| dataset | status | N | overlap | contamination % | unverified candidates | All % | "
+        "Clean % | Overlap % | All - Clean | p | p (Bonf.) | Clean 99.5% CI | threshold | "
+        "precision | recall | calibration |",
+        "|" + " --- |" * 17,
     ]
     for label, r in report["datasets"].items():
         ci = r["clean_ci_99_5"]
         ci_text = "-" if ci is None else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}"
         lines.append(
-            f"| {label} | {r['n_all']} | {r['n_overlap']} | {_pct(r['contamination'])} | "
+            f"| {label} | {r.get('status', '-')} | {r['n_all']} | {r['n_overlap']} | "
+            f"{_pct(r['contamination'])} | {r.get('unverified_candidates', 0)} | "
             f"{_pct(r['acc_all'])} | {_pct(r['acc_clean'])} | {_pct(r['acc_overlap'])} | "
             f"{_pct(r['all_minus_clean'], True)} | {_p(r['p_value'])} | "
             f"{_p(r['p_value_bonferroni'])} | {ci_text} | {r['threshold']:.4f} | "
@@ -93,6 +95,16 @@ def markdown(report: dict[str, Any]) -> str:
         f"{', '.join(s['significant_after_bonferroni']) or 'none'}.",
         "",
     ]
+    unverified = s.get("unverified_datasets") or []
+    if unverified:
+        lines += [
+            f"Unverified ({', '.join(unverified)}): no calibrated detector (no verification, no "
+            "planted copies reaching the target precision), so only exact duplicates count as "
+            "overlap; the candidates above the threshold are listed in `matches.jsonl` as "
+            "`unverified_candidate` and are **not** contamination. Verify them (`--detector` "
+            "with verification) or calibrate on planted copies to measure contamination.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -174,10 +186,12 @@ def _pairs(
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for t in targets:
-        _, scores, ids, overlap = details[t.label]
+        cal, scores, ids, overlap = details[t.label]
+        candidate = ~overlap & (scores >= cal.threshold)  # [N] above it, but not counted
         order = np.argsort(-scores, kind="stable")
-        unflagged = [int(i) for i in order if not overlap[i]][:extra]
-        for i in [int(i) for i in order if overlap[i]] + unflagged:
+        unflagged = [int(i) for i in order if not overlap[i] and not candidate[i]][:extra]
+        listed = [int(i) for i in order if overlap[i] or candidate[i]] + unflagged
+        for i in listed:
             row = rows.get(int(ids[i]))
             label = t.dataset.test.labels[i]
             out.append(
@@ -187,6 +201,7 @@ def _pairs(
                     "class": t.dataset.classnames[label] if label >= 0 else None,
                     "similarity": float(scores[i]),
                     "overlap": bool(overlap[i]),
+                    "unverified_candidate": bool(candidate[i]),
                     "train_id": int(ids[i]),
                     "train_key": None if row is None else row[0],
                 }
@@ -216,7 +231,7 @@ def contact_sheet(
         row = rows.get(pair["train_id"])
         if row is not None:
             sheet.paste(to_pil(row[1]).convert("RGB").resize((_TILE, _TILE)), (x + _TILE + 2, y))
-        flag = "DUP" if pair["overlap"] else "no"
+        flag = "DUP" if pair["overlap"] else "unverified" if pair["unverified_candidate"] else "no"
         text = f"{pair['dataset'][:18]}#{pair['index']} {pair['similarity']:.3f} {flag}"
         draw.text((x + 2, y + _TILE + 4), text, fill="red" if pair["overlap"] else "black")
     sheet.save(path)

@@ -51,16 +51,20 @@ def _add_rule_argument(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE|FILE",
         help="promotion rule setting (primary_metric, min_improvement, max_regression, "
-        "guarded_prefixes, promote_first) or a YAML/JSON file of them (repeatable)",
+        "guarded_prefixes, promote_first, confidence, resamples, seed) or a YAML/JSON file "
+        "of them (repeatable)",
     )
 
 
 def _decision_json(decision: Any) -> dict[str, Any]:
+    c = decision.comparison
+    interval = None if c is None else {"delta": c.delta, "low": c.low, "high": c.high}
     return {
         "decision": decision.outcome,
         "champion_before": decision.champion_before,
         "champion": decision.champion_after,
         "reasons": list(decision.reasons),
+        "interval": interval,
     }
 
 
@@ -68,6 +72,7 @@ def run_register(args: argparse.Namespace) -> int:
     """``clipops register``: register the run, set ``candidate``, apply the rule."""
     from clip_registry.promote import PromotionRule, RuleError
     from clip_registry.register import RegistryError, register_run
+    from clip_train.tracking import TrackingUnreachableError
 
     try:
         rule = PromotionRule.from_specs(args.rule)
@@ -79,7 +84,7 @@ def run_register(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri,
             rule=rule,
         )
-    except (RegistryError, RuleError) as exc:
+    except (RegistryError, RuleError, TrackingUnreachableError) as exc:
         print(f"clipops register: error: {exc}", file=sys.stderr)
         return 2
     out = {
@@ -99,13 +104,14 @@ def run_promote(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from clip_registry.promote import PromotionRule, RuleError, apply_rule
+    from clip_train.tracking import TrackingUnreachableError
 
     try:
         rule = PromotionRule.from_specs(args.rule)
         decision = apply_rule(
             args.name, version=args.version, rule=rule, tracking_uri=args.tracking_uri
         )
-    except (RuleError, LookupError) as exc:
+    except (RuleError, LookupError, TrackingUnreachableError) as exc:
         print(f"clipops promote: error: {exc}", file=sys.stderr)
         return 2
     except MlflowException as exc:

@@ -93,14 +93,40 @@ def _dataset_entries(report: Any) -> dict[str, Mapping[str, Any]]:
 
 def overlap_summary(report: Any) -> dict[str, float]:
     """``DATASET/contamination`` and ``DATASET/all_minus_clean`` (plus ``max/contamination``)
-    from an ``overlap.json``; fields that are missing or not numbers are left out."""
+    from an ``overlap.json``; fields that are missing or not numbers are left out.
+
+    Only the figures :func:`clip_overlap.status.published` allows: never the candidates of
+    an uncalibrated, unverified detector (a dataset of such a report contributes its exact
+    duplicates only; see :func:`overlap_statuses` for the status to show beside them)."""
+    from clip_overlap.status import published
+
     out: dict[str, float] = {}
     for dataset, entry in _dataset_entries(report).items():
-        for field in ("contamination", "all_minus_clean"):
-            number = _number(entry.get(field))
+        shown = published(entry)
+        for field, number in (
+            ("contamination", shown.contamination),
+            ("all_minus_clean", shown.all_minus_clean),
+        ):
             if number is not None:
-                out[f"{dataset}/{field}"] = number
+                out[mlflow_safe(f"{dataset}/{field}")] = number
     contamination = [v for k, v in out.items() if k.endswith("/contamination")]
     if contamination:
         out["max/contamination"] = max(contamination)
+    return dict(sorted(out.items()))
+
+
+def overlap_statuses(report: Any) -> dict[str, str]:
+    """``status`` (the report's) and ``DATASET/status`` (:mod:`clip_overlap.status`:
+    ``calibrated``, ``verified`` or ``unverified: ...``) of the datasets of an
+    ``overlap.json`` that state one or whose format implies one; ``{}`` when none does."""
+    from clip_overlap.status import published, report_status
+
+    out: dict[str, str] = {}
+    for dataset, entry in _dataset_entries(report).items():
+        status = published(entry).status
+        if status is not None:
+            out[mlflow_safe(f"{dataset}/status")] = status
+    if out:
+        stated = report.get("status") if isinstance(report, Mapping) else None
+        out["status"] = stated if isinstance(stated, str) else report_status(out.values())
     return dict(sorted(out.items()))

@@ -1,25 +1,36 @@
 """The promotion rule: when a candidate version takes the ``champion`` alias.
 
-The rule (:class:`PromotionRule`, configurable from YAML/JSON or ``KEY=VALUE`` pairs):
+A promotion is a statistical claim, so the rule (:class:`PromotionRule`, configurable from
+YAML/JSON or ``KEY=VALUE`` pairs) compares candidate and champion **on the same examples**:
 
-- the candidate's ``primary_metric`` (default ``zero_shot/mean/top1``) must beat the
-  champion's by more than ``min_improvement`` (a tie keeps the champion);
-- no guarded metric (default: every per-dataset ``zero_shot/*`` and ``linear_probe/*``
-  metric the two versions share) may drop by more than ``max_regression``;
+- both versions' zero-shot per-example outcomes (:mod:`clip_eval.paired`: image content ids
+  and 0/1 top-1) on the same suite are paired, and a stratified paired bootstrap gives the
+  difference of ``primary_metric`` (``zero_shot/mean/top1``, or ``zero_shot/<dataset>/top1``)
+  with a ``confidence`` interval;
+- **promoted** only for a significant gain of at least the minimum effect: the interval's low
+  end above 0 and the difference above ``min_improvement``, and no guarded metric (every
+  per-dataset ``zero_shot/*`` and ``linear_probe/*`` metric the two share) down by more than
+  ``max_regression``;
+- **regressed** (flagged, tag ``clipops.promotion.regression``) for a significant loss: high
+  end below 0 and the difference below ``-min_improvement``; **rejected** otherwise;
+- **pending** when there is a champion but no paired evaluation of both (different suites,
+  no per-example results): the nightly evaluation, which runs both on the model's suite,
+  decides;
 - with no champion yet, the candidate is promoted when ``promote_first`` (default true).
 
-:func:`decide` is pure (metrics in, decision out). :func:`apply_rule` reads the aliases and
-the versions' metric tags (or fresh metrics given by the caller, e.g. the nightly evaluation),
-moves ``champion`` when the rule says so, and records the outcome on the candidate version:
-tags ``clipops.promotion.decision`` / ``.reasons`` / ``.rule`` / ``.compared_to`` and a
-"Promotion decision" section in its markdown description. Re-running it changes nothing: a
-candidate that already is the champion is reported as such, and a rejected one is rejected
-again with the same reasons.
+:func:`decide` is pure. :func:`apply_rule` gathers the evaluation records (fresh ones from the
+caller, e.g. tonight's evaluation, else the versions' linked ``eval/results.jsonl``), moves
+``champion`` when the rule says so and records the outcome and the interval on the candidate
+version: tags ``clipops.promotion.decision`` / ``.reasons`` / ``.rule`` / ``.compared_to`` /
+``.delta`` / ``.ci_low`` / ``.ci_high`` / ``.regression`` and a "Promotion decision" section
+in its markdown description. Re-running it changes nothing: a candidate that already is the
+champion is reported as such, and a rejected one is rejected again with the same reasons.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,6 +39,7 @@ from typing import Any
 import yaml
 
 from clip_core.yamlio import load_yaml
+from clip_eval.paired import PairedComparison, PairingError, paired_bootstrap, paired_outcomes
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -36,12 +48,28 @@ DECISION_TAG = "clipops.promotion.decision"
 REASONS_TAG = "clipops.promotion.reasons"
 RULE_TAG = "clipops.promotion.rule"
 COMPARED_TAG = "clipops.promotion.compared_to"
+REGRESSION_TAG = "clipops.promotion.regression"
+INTERVAL_TAGS = ("clipops.promotion.delta", "clipops.promotion.ci_low", "clipops.promotion.ci_high")
 SECTION = "## Promotion decision"
 MAX_TAG_CHARS = 5000
+#: Where a registered version's evaluation records live in its training run.
+RESULTS_ARTIFACT = "eval/results.jsonl"
+#: Error codes with which MLflow says "no such alias/model" (it answered).
+_NOT_FOUND = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"})
 
 
 class RuleError(ValueError):
     """A promotion rule is malformed (unknown key, wrong type, out of range)."""
+
+
+def _number(rule: Any, key: str, low: float, high: float | None = None) -> float:
+    value = getattr(rule, key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RuleError(f"{key} must be a number, got {value!r}")
+    if value < low or (high is not None and value >= high):
+        bound = f">= {low}" + ("" if high is None else f" and < {high}")
+        raise RuleError(f"{key} must be {bound}, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -49,19 +77,31 @@ class PromotionRule:
     """When a candidate replaces the champion (see the module doc)."""
 
     primary_metric: str = "zero_shot/mean/top1"
-    min_improvement: float = 0.0
+    min_improvement: float = 0.005  # the minimum effect, as a fraction (0.5 points)
     max_regression: float = 0.01
     guarded_prefixes: tuple[str, ...] = ("zero_shot/", "linear_probe/")
     promote_first: bool = True
+    confidence: float = 0.95
+    resamples: int = 10_000
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.primary_metric, str) or not self.primary_metric:
-            raise RuleError("primary_metric must be a non-empty metric key")
-        for key in ("min_improvement", "max_regression"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise RuleError(f"{key} must be a number >= 0, got {value!r}")
-            object.__setattr__(self, key, float(value))
+        key = self.primary_metric
+        parts = key.split("/") if isinstance(key, str) else []
+        if len(parts) != 3 or parts[0] != "zero_shot" or parts[2] != "top1" or not parts[1]:
+            raise RuleError(
+                f"primary_metric must be zero_shot/mean/top1 or zero_shot/<dataset>/top1 (the "
+                f"metrics with per-example results to pair), got {key!r}"
+            )
+        for name in ("min_improvement", "max_regression"):
+            object.__setattr__(self, name, _number(self, name, 0.0))
+        object.__setattr__(self, "confidence", _number(self, "confidence", 0.5, 1.0))
+        if isinstance(self.resamples, bool) or not isinstance(self.resamples, int):
+            raise RuleError(f"resamples must be an integer, got {self.resamples!r}")
+        if self.resamples < 100:
+            raise RuleError(f"resamples must be >= 100, got {self.resamples}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise RuleError(f"seed must be an integer, got {self.seed!r}")
         prefixes = self.guarded_prefixes
         if isinstance(prefixes, str):
             prefixes = (prefixes,)
@@ -105,55 +145,79 @@ class PromotionRule:
         """Compact JSON (stored as a tag)."""
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
+    def paired_dataset(self) -> str | None:
+        """The one dataset the primary metric is about, ``None`` for the mean over all."""
+        dataset = self.primary_metric.split("/")[1]
+        return None if dataset == "mean" else dataset
+
+
+OUTCOMES = ("promote", "reject", "regress", "pending")
+
 
 @dataclass(frozen=True)
 class Verdict:
     """What the rule says about one candidate against one champion (no side effects)."""
 
-    promote: bool
+    outcome: str  # one of OUTCOMES
     reasons: tuple[str, ...]
+    comparison: PairedComparison | None = None
+
+    @property
+    def promote(self) -> bool:
+        """True when the rule promotes the candidate."""
+        return self.outcome == "promote"
 
 
 def _guarded(key: str, rule: PromotionRule) -> bool:
     return key.split("/")[1:2] != ["mean"] and key.startswith(rule.guarded_prefixes)
 
 
-def decide(
-    candidate: Mapping[str, float], champion: Mapping[str, float] | None, rule: PromotionRule
-) -> Verdict:
-    """Apply ``rule`` to the candidate's and the champion's metrics (``None``: no champion)."""
-    key = rule.primary_metric
-    if champion is None:
-        if rule.promote_first:
-            return Verdict(True, ("no champion yet: the first candidate becomes champion",))
-        return Verdict(False, ("no champion yet and promote_first is false",))
-    if key not in candidate:
-        return Verdict(False, (f"candidate has no {key} (evaluate it first)",))
-    reasons: list[str] = []
-    ok = True
-    if key not in champion:
-        reasons.append(f"{key}: champion has no value, candidate {candidate[key]:.4f}")
-    else:
-        delta = candidate[key] - champion[key]
-        improved = delta > rule.min_improvement
-        ok &= improved
-        reasons.append(
-            f"{key}: {candidate[key]:.4f} vs champion {champion[key]:.4f} ({delta:+.4f}; "
-            f"needs > {rule.min_improvement:+.4f}): {'improved' if improved else 'not improved'}"
-        )
+def _guard_reasons(
+    candidate: Mapping[str, float], champion: Mapping[str, float], rule: PromotionRule
+) -> list[str]:
+    reasons = []
     for name in sorted(k for k in candidate.keys() & champion.keys() if _guarded(k, rule)):
-        if name == key:
-            continue
         drop = champion[name] - candidate[name]
-        if drop > rule.max_regression:
-            ok = False
+        if name != rule.primary_metric and drop > rule.max_regression:
             reasons.append(
                 f"{name} regressed: {candidate[name]:.4f} vs champion {champion[name]:.4f} "
                 f"(-{drop:.4f} > margin {rule.max_regression:.4f})"
             )
-    if ok:
-        reasons.append(f"no guarded metric regressed by more than {rule.max_regression:.4f}")
-    return Verdict(ok, tuple(reasons))
+    return reasons
+
+
+def decide(
+    candidate: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    rule: PromotionRule,
+    comparison: PairedComparison | None = None,
+) -> Verdict:
+    """Apply ``rule``: the versions' headline metrics (``None``: no champion) and the paired
+    comparison of their per-example results (``None``: none could be made)."""
+    if champion is None:
+        first = rule.promote_first
+        why = "the first candidate becomes champion" if first else "promote_first is false"
+        return Verdict("promote" if first else "reject", (f"no champion yet: {why}",))
+    key = rule.primary_metric
+    if comparison is None:
+        return Verdict(
+            "pending",
+            (
+                f"{key}: no paired evaluation of candidate and champion on the same examples; "
+                "the nightly evaluation (both on the model's suite) decides",
+            ),
+        )
+    c, effect = comparison, rule.min_improvement
+    line = f"{key}: candidate - champion {c.describe()}; minimum effect {100 * effect:.2f} points"
+    if c.low > 0 and c.delta > effect:
+        guards = _guard_reasons(candidate, champion, rule)
+        if guards:
+            return Verdict("reject", (line + ": significant gain", *guards), c)
+        tail = f"no guarded metric regressed by more than {rule.max_regression:.4f}"
+        return Verdict("promote", (line + ": significant gain", tail), c)
+    if c.high < 0 and c.delta < -effect:
+        return Verdict("regress", (line + ": significant regression",), c)
+    return Verdict("reject", (line + ": no significant difference of that size",), c)
 
 
 @dataclass(frozen=True)
@@ -164,8 +228,9 @@ class Decision:
     candidate: str  # version
     champion_before: str | None
     champion_after: str | None
-    outcome: str  # "promoted" | "rejected" | "already_champion"
+    outcome: str  # "promoted" | "rejected" | "regressed" | "pending" | "already_champion"
     reasons: tuple[str, ...]
+    comparison: PairedComparison | None = None
 
     @property
     def promoted(self) -> bool:
@@ -202,12 +267,16 @@ def version_metrics(tags: Mapping[str, str]) -> dict[str, float]:
 
 
 def _alias_version(client: Any, name: str, alias: str) -> str | None:
+    """The version under ``alias``; ``None`` only when the server answered "no such alias"
+    (an unreachable server raises)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return None
+        raise
 
 
 def _replace_section(description: str | None, section: str) -> str:
@@ -215,93 +284,142 @@ def _replace_section(description: str | None, section: str) -> str:
     return (head + "\n\n" + section if head else section).strip() + "\n"
 
 
+def stored_records(client: Any, name: str, version: str) -> list[dict[str, Any]] | None:
+    """The evaluation records linked to the version's training run (``eval/results.jsonl``),
+    ``None`` when it has none."""
+    from mlflow.exceptions import MlflowException
+
+    from clip_eval.report import read_jsonl
+
+    run_id = client.get_model_version(name, version).run_id
+    with tempfile.TemporaryDirectory(prefix="clipops-promote-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, RESULTS_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            return None
+        try:
+            return read_jsonl(path)
+        except (ValueError, OSError):
+            return None
+
+
+def compare_versions(
+    candidate: Sequence[Mapping[str, Any]] | None,
+    champion: Sequence[Mapping[str, Any]] | None,
+    rule: PromotionRule,
+) -> tuple[PairedComparison | None, str | None]:
+    """The paired comparison of two versions' records, or why there is none."""
+    if candidate is None or champion is None:
+        who = "candidate" if candidate is None else "champion"
+        return None, f"the {who} has no evaluation records"
+    try:
+        pairs = paired_outcomes(candidate, champion)
+        only = rule.paired_dataset()
+        if only is not None:
+            pairs = {d: p for d, p in pairs.items() if _safe(d) == only}
+            if not pairs:
+                return None, f"no zero-shot dataset {only!r} in both evaluations"
+        return paired_bootstrap(
+            pairs, resamples=rule.resamples, confidence=rule.confidence, seed=rule.seed
+        ), None
+    except PairingError as exc:
+        return None, str(exc)
+
+
+def _safe(dataset: str) -> str:
+    from clip_registry.metrics import mlflow_safe
+
+    return mlflow_safe(dataset)
+
+
 def apply_rule(
     name: str,
     *,
     version: str | int | None = None,
     rule: PromotionRule | None = None,
-    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    records: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     tracking_uri: str | None = None,
     client: Any = None,
 ) -> Decision:
     """Decide whether ``version`` (default: the ``candidate`` alias) becomes ``champion``.
 
-    ``metrics`` maps version strings to fresh metrics (e.g. tonight's evaluation of the
-    champion and the candidate); versions not in it use their ``clipops.metric.*`` tags.
-    Moves the ``champion`` alias when the rule says so and records the decision on the
-    candidate version. Raises ``LookupError`` when there is no such version/alias.
+    ``records`` maps version strings to fresh evaluation records (e.g. tonight's evaluation
+    of the champion and the candidate on the model's suite); versions not in it use the
+    records linked to their training run and their ``clipops.metric.*`` tags. Moves the
+    ``champion`` alias when the rule says so and records the decision on the candidate
+    version. Raises ``LookupError`` when there is no such version/alias, and
+    ``TrackingUnreachableError`` (within seconds) when the tracking server does not answer.
     """
-    from clip_train.tracking import resolve_tracking_uri
+    from clip_registry.metrics import headline_metrics
 
     if client is None:
-        from mlflow import MlflowClient
+        from clip_train.tracking import tracking_client
 
-        client = MlflowClient(resolve_tracking_uri(tracking_uri))
+        client = tracking_client(tracking_uri)
     rule = rule or PromotionRule()
     candidate = str(version) if version is not None else _alias_version(client, name, CANDIDATE)
     if candidate is None:
         raise LookupError(f"registered model {name!r} has no {CANDIDATE!r} alias")
-    fresh = {str(k): dict(v) for k, v in (metrics or {}).items()}
+    fresh = {str(k): list(v) for k, v in (records or {}).items()}
 
-    def metrics_of(v: str) -> dict[str, float]:
+    def tags_of(v: str) -> Mapping[str, str]:
         from mlflow.exceptions import MlflowException
 
         try:
-            tags = client.get_model_version(name, v).tags  # also checks that it exists
+            return dict(client.get_model_version(name, v).tags)  # also checks that it exists
         except MlflowException as exc:
+            if exc.error_code not in _NOT_FOUND:
+                raise
             raise LookupError(f"registered model {name!r} has no version {v}") from exc
-        return fresh[v] if v in fresh else version_metrics(tags)
 
-    cand_metrics = metrics_of(candidate)
+    def evaluation(v: str) -> tuple[dict[str, float], Sequence[Mapping[str, Any]] | None]:
+        tags = tags_of(v)
+        if v in fresh:
+            return headline_metrics(fresh[v]), fresh[v]
+        return version_metrics(tags), stored_records(client, name, v)
+
+    cand_metrics, cand_records = evaluation(candidate)
     champion = _alias_version(client, name, CHAMPION)
     after: str | None
     reasons: tuple[str, ...]
+    comparison: PairedComparison | None = None
     if champion == candidate:
         outcome, reasons, after = "already_champion", (f"v{candidate} is the champion",), champion
     else:
-        verdict = decide(cand_metrics, None if champion is None else metrics_of(champion), rule)
+        champ_metrics: dict[str, float] | None = None
+        why: str | None = None
+        if champion is not None:
+            champ_metrics, champ_records = evaluation(champion)
+            comparison, why = compare_versions(cand_records, champ_records, rule)
+        verdict = decide(cand_metrics, champ_metrics, rule, comparison)
         if verdict.promote:
             client.set_registered_model_alias(name, CHAMPION, candidate)
-        outcome = "promoted" if verdict.promote else "rejected"
+        outcome = {"promote": "promoted", "reject": "rejected", "regress": "regressed"}.get(
+            verdict.outcome, verdict.outcome
+        )
         after = candidate if verdict.promote else champion
-        reasons = verdict.reasons
-    decision = Decision(name, candidate, champion, after, outcome, reasons)
+        reasons = verdict.reasons + ((f"not paired: {why}",) if why else ())
+    decision = Decision(name, candidate, champion, after, outcome, reasons, comparison)
     _record(client, decision, rule)
     return decision
-
-
-def apply_rule_to_records(
-    name: str,
-    version: str | int,
-    records: Mapping[str, Sequence[Mapping[str, Any]]],
-    *,
-    rule: PromotionRule | None = None,
-    tracking_uri: str | None = None,
-    client: Any = None,
-) -> Decision:
-    """:func:`apply_rule` with fresh evaluation records (``clipops eval`` / ``run_suite``
-    output) per version string, e.g. ``{"7": champion_records, "9": candidate_records}``;
-    the metric keys are those of :func:`clip_registry.metrics.headline_metrics`."""
-    from clip_registry.metrics import headline_metrics
-
-    fresh = {str(v): headline_metrics(recs) for v, recs in records.items()}
-    return apply_rule(
-        name, version=version, rule=rule, metrics=fresh, tracking_uri=tracking_uri, client=client
-    )
 
 
 def _record(client: Any, decision: Decision, rule: PromotionRule) -> None:
     name, v = decision.name, decision.candidate
     tags = client.get_model_version(name, v).tags
-    if decision.outcome != "already_champion" or DECISION_TAG not in tags:
-        # an existing champion keeps the record of the promotion that made it champion
-        client.set_model_version_tag(name, v, DECISION_TAG, decision.outcome)
-        client.set_model_version_tag(
-            name, v, REASONS_TAG, "; ".join(decision.reasons)[:MAX_TAG_CHARS]
-        )
-        client.set_model_version_tag(name, v, RULE_TAG, rule.to_json()[:MAX_TAG_CHARS])
-        client.set_model_version_tag(name, v, COMPARED_TAG, decision.champion_before or "none")
-        current = client.get_model_version(name, v).description
-        client.update_model_version(
-            name, v, description=_replace_section(current, decision.markdown(rule))
-        )
+    if decision.outcome == "already_champion" and DECISION_TAG in tags:
+        return  # an existing champion keeps the record of the promotion that made it champion
+    client.set_model_version_tag(name, v, DECISION_TAG, decision.outcome)
+    client.set_model_version_tag(name, v, REASONS_TAG, "; ".join(decision.reasons)[:MAX_TAG_CHARS])
+    client.set_model_version_tag(name, v, RULE_TAG, rule.to_json()[:MAX_TAG_CHARS])
+    client.set_model_version_tag(name, v, COMPARED_TAG, decision.champion_before or "none")
+    flagged = "true" if decision.outcome == "regressed" else "false"
+    client.set_model_version_tag(name, v, REGRESSION_TAG, flagged)
+    c = decision.comparison
+    values = [f"{x:.6g}" for x in (c.delta, c.low, c.high)] if c else ["none"] * 3
+    for tag, value in zip(INTERVAL_TAGS, values, strict=True):
+        client.set_model_version_tag(name, v, tag, value)
+    current = client.get_model_version(name, v).description
+    client.update_model_version(
+        name, v, description=_replace_section(current, decision.markdown(rule))
+    )

@@ -19,7 +19,12 @@ Version tags: ``clipops.run_id``, ``clipops.run_name``, ``clipops.model``,
 ``clipops.steps``, ``clipops.samples_seen``, ``clipops.weights_sha256``,
 ``clipops.metric.<TASK/DATASET/METRIC>``, ``clipops.overlap.<DATASET/FIELD>``,
 ``clipops.eval_artifacts`` / ``clipops.overlap_artifact`` (``runs:/`` URIs of the linked
-files), and the promotion tags.
+files), ``clipops.suite`` / ``clipops.suite_fingerprint`` (the suite the evaluation ran,
+:mod:`clip_eval.suite_identity`), and the promotion tags.
+
+A registered model is evaluated on one suite: its first evaluated version declares it (the
+same two tags on the registered model), a run evaluated on another suite is refused before
+anything is registered, and the nightly evaluation re-runs that suite (``flows.nightly``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_core.checkpoint import CheckpointError, load_checkpoint
-from clip_registry.metrics import headline_metrics, overlap_summary
+from clip_registry.metrics import headline_metrics, overlap_statuses, overlap_summary
 from clip_registry.promote import (
     CANDIDATE,
     MAX_TAG_CHARS,
@@ -51,6 +56,9 @@ OVERLAP_ARTIFACT = "overlap"
 RUN_ID_TAG = "clipops.run_id"
 OVERLAP_TAG = "clipops.overlap."
 EVAL_FILES = ("results.jsonl", "summary.md")
+#: The suite a registered model is evaluated on (registered-model and version tags).
+SUITE_TAG = "clipops.suite"
+SUITE_FINGERPRINT_TAG = "clipops.suite_fingerprint"
 
 
 class RegistryError(ValueError):
@@ -102,10 +110,7 @@ def _get_run(client: Any, run_id: str) -> Any:
     return run
 
 
-def _eval_files(eval_dir: Path) -> tuple[list[Path], dict[str, float], dict[str, float]]:
-    """The files to link, the headline metrics (version tags, promotion) and the run metrics
-    (``eval/<dataset>/<task>/...``, the names the flows log)."""
-    from clip_eval.metrics import eval_metrics
+def _eval_records(eval_dir: Path) -> list[dict[str, Any]]:
     from clip_eval.report import read_jsonl
 
     results = eval_dir / "results.jsonl"
@@ -113,11 +118,72 @@ def _eval_files(eval_dir: Path) -> tuple[list[Path], dict[str, float], dict[str,
         raise RegistryError(f"--eval-dir {eval_dir}: no results.jsonl (run clipops eval --out)")
     try:
         records = read_jsonl(results)
+        if not all(isinstance(r, dict) for r in records):
+            raise TypeError("a line is not a JSON object")
+    except (ValueError, TypeError) as exc:
+        raise RegistryError(f"{results}: not a JSONL file of evaluation records ({exc})") from exc
+    return records
+
+
+def _eval_files(
+    eval_dir: Path, records: list[dict[str, Any]]
+) -> tuple[list[Path], dict[str, float], dict[str, float]]:
+    """The files to link, the headline metrics (version tags, promotion) and the run metrics
+    (``eval/<dataset>/<task>/...``, the names the flows log)."""
+    from clip_eval.metrics import eval_metrics
+
+    try:
         heads, run_metrics = headline_metrics(records), eval_metrics(records)
     except (ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise RegistryError(f"{results}: not a JSONL file of evaluation records ({exc})") from exc
+        raise RegistryError(
+            f"{eval_dir / 'results.jsonl'}: not evaluation records ({exc})"
+        ) from exc
     files = [eval_dir / f for f in EVAL_FILES if (eval_dir / f).is_file()]
     return files + sorted(eval_dir.glob("*.png")), heads, run_metrics
+
+
+def declared_suite(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """The suite name and fingerprint an evaluation ran (:mod:`clip_eval.suite_identity`)."""
+    from clip_eval.suite import SuiteError
+    from clip_eval.suite_identity import suite_fingerprint, suite_from_records
+
+    try:
+        suite = suite_from_records(records)
+    except SuiteError as exc:
+        raise RegistryError(f"the evaluation does not name its suite's tasks ({exc})") from exc
+    return suite.name, suite_fingerprint(suite)
+
+
+def _check_suite(client: Any, name: str, fingerprint: str, suite_name: str) -> None:
+    """A registered model is evaluated on one suite: refuse a run evaluated on another,
+    before anything is registered."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return  # a new model: this run declares its suite
+        raise
+    declared = tags.get(SUITE_FINGERPRINT_TAG)
+    if declared and declared != fingerprint:
+        raise RegistryError(
+            f"model {name!r} is evaluated on suite {tags.get(SUITE_TAG, '?')!r} "
+            f"(fingerprint {declared}); this run was evaluated on {suite_name!r} ({fingerprint}). "
+            "Evaluate it on the model's suite, or register it under another --name"
+        )
+
+
+def overlap_tags(report: Any) -> dict[str, str]:
+    """The ``clipops.overlap.*`` version tags of an overlap report: the publishable
+    contamination figures (:func:`overlap_summary`: never an unverified detector's
+    candidates) and the detection statuses (:func:`overlap_statuses`)."""
+    numbers = overlap_summary(report)
+    tags = {OVERLAP_TAG + k: f"{v:.6g}" for k, v in numbers.items()}
+    tags.update({OVERLAP_TAG + k: v[:MAX_TAG_CHARS] for k, v in overlap_statuses(report).items()})
+    if not numbers and OVERLAP_TAG + "status" not in tags:
+        tags[OVERLAP_TAG + "status"] = "no per-dataset contamination found in the report"
+    return tags
 
 
 def _read_overlap(path: Path) -> Any:
@@ -156,7 +222,7 @@ def _lineage(
     client: Any,
     run: Any,
     checkpoint: Path,
-    eval_dir: Path | None,
+    evaluation: tuple[Path, list[dict[str, Any]]] | None,
     overlap_report: Path | None,
 ) -> _Lineage:
     """Read the checkpoint, link eval/overlap files to the run, build the version tags."""
@@ -184,8 +250,10 @@ def _lineage(
     }
     metrics: dict[str, float] = {}
     summary_md = ""
-    if eval_dir is not None:
-        files, metrics, run_metrics = _eval_files(eval_dir)
+    if evaluation is not None:
+        eval_dir, records = evaluation
+        files, metrics, run_metrics = _eval_files(eval_dir, records)
+        tags[SUITE_TAG], tags[SUITE_FINGERPRINT_TAG] = declared_suite(records)
         for f in files:
             client.log_artifact(run_id, str(f), EVAL_ARTIFACT)
         step = int(steps) if steps.isdigit() else 0
@@ -197,15 +265,14 @@ def _lineage(
         summary_md = summary.read_text(encoding="utf-8") if summary.is_file() else ""
     overlap: dict[str, float] = {}
     if overlap_report is not None:
-        overlap = overlap_summary(_read_overlap(overlap_report))
+        loaded = _read_overlap(overlap_report)
+        overlap = overlap_summary(loaded)
         client.log_artifact(run_id, str(overlap_report), OVERLAP_ARTIFACT)
         tags["clipops.overlap_artifact"] = (
             f"runs:/{run_id}/{OVERLAP_ARTIFACT}/{overlap_report.name}"
         )
-        if not overlap:
-            tags["clipops.overlap.status"] = "no per-dataset contamination found in the report"
+        tags.update(overlap_tags(loaded))
     tags.update({METRIC_TAG + k: f"{v:.6g}" for k, v in metrics.items()})
-    tags.update({OVERLAP_TAG + k: f"{v:.6g}" for k, v in overlap.items()})
     return _Lineage(tags, metrics, overlap, summary_md)
 
 
@@ -224,6 +291,8 @@ def _description(name: str, lineage: _Lineage) -> str:
         )
     if "clipops.overlap_artifact" in t:
         lines.append(f"- overlap report: `{t['clipops.overlap_artifact']}`")
+    if OVERLAP_TAG + "status" in t:
+        lines.append(f"- overlap status: {t[OVERLAP_TAG + 'status']}")
     if lineage.metrics:
         lines += ["", "| metric | value |", "| --- | ---: |"]
         lines += [f"| {k} | {100 * v:.1f}% |" for k, v in lineage.metrics.items()]
@@ -265,10 +334,14 @@ def register_run(
     import mlflow
 
     from clip_registry.logged import log_clip_model
-    from clip_train.tracking import prefer_proxied_artifact_downloads, resolve_tracking_uri
+    from clip_train.tracking import (
+        prefer_proxied_artifact_downloads,
+        resolve_tracking_uri,
+        tracking_client,
+    )
 
     uri = resolve_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient(uri)
+    client = tracking_client(uri)  # an unreachable server fails here, in seconds
     run = _get_run(client, run_id)
     model = run.data.tags.get("clipops.model")
     if name is None and not model:
@@ -278,6 +351,11 @@ def register_run(
     overlap_path = None if overlap_report is None else Path(overlap_report)
     if overlap_path is not None and not overlap_path.is_file():
         raise RegistryError(f"--overlap-report {overlap_path}: no such file")
+    evaluation = None
+    if eval_path is not None:
+        evaluation = (eval_path, _eval_records(eval_path))
+        suite_name, fingerprint = declared_suite(evaluation[1])
+        _check_suite(client, name, fingerprint, suite_name)
     prefer_proxied_artifact_downloads()
     with tempfile.TemporaryDirectory(prefix="clipops-register-") as tmp:
         try:
@@ -286,7 +364,7 @@ def register_run(
             raise RegistryError(
                 f"run {run_id} has no {CHECKPOINT_ARTIFACT}/ artifact ({exc})"
             ) from exc
-        lineage = _lineage(client, run, Path(local), eval_path, overlap_path)
+        lineage = _lineage(client, run, Path(local), evaluation, overlap_path)
         version = _existing_version(client, name, run_id)
         created = version is None
         if version is None:
@@ -295,6 +373,11 @@ def register_run(
                 version = str(mlflow.register_model(info.model_uri, name).version)
     for key, value in lineage.tags.items():
         client.set_model_version_tag(name, version, key, value)
+    if SUITE_FINGERPRINT_TAG in lineage.tags:  # the model's suite: declared by its first run
+        declared = client.get_registered_model(name).tags
+        for key in (SUITE_TAG, SUITE_FINGERPRINT_TAG):
+            if key not in declared:
+                client.set_registered_model_tag(name, key, lineage.tags[key])
     previous = client.get_model_version(name, version).description or ""
     kept = previous[previous.index(SECTION) :] if SECTION in previous else ""
     description = _description(name, lineage) + ("\n" + kept if kept else "")

@@ -38,8 +38,8 @@ FAMILY_BY_MODEL = {
 def resolve_tracking_uri(uri: str | None) -> str:
     """The configured URI, else $MLFLOW_TRACKING_URI, else SQLite in the working directory.
 
-    A bare ``postgresql://`` database URI gets the installed driver (``postgresql+psycopg2``):
-    SQLAlchemy 2.1 maps the bare scheme to psycopg 3, which clipops does not install.
+    A bare ``postgresql://`` database URI gets the installed driver (``postgresql+psycopg2``)
+    by name, whatever SQLAlchemy's default for the bare scheme (psycopg 3 from 2.1 on).
     """
     chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not chosen:
@@ -47,6 +47,96 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if chosen.startswith("postgresql://"):
         return "postgresql+psycopg2://" + chosen[len("postgresql://") :]
     return chosen
+
+
+#: Seconds a reachability check of the tracking server waits for an answer.
+CONNECT_TIMEOUT = 5.0
+#: MLflow's HTTP retry defaults (7 retries, backoff factor 2) spend ~250 s on a server that
+#: is down before saying so; clipops keeps a short retry for a blip (~7 s), unless set.
+FAST_HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+class TrackingUnreachableError(RuntimeError):
+    """The MLflow tracking server (or database) does not answer: nothing was recorded.
+
+    Not an ``OSError``, so the flows' retry condition does not retry it: a server that is
+    down stays down for the seconds a retry waits, and the operator needs the URI now."""
+
+
+def http_unreachable(url: str) -> str | None:
+    """Why ``url`` gives no answer (or a 5xx), or ``None`` when the server answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT) as response:
+            response.read(256)
+    except urllib.error.HTTPError as exc:
+        return None if exc.code < 500 else f"answers HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+    return None
+
+
+def _database_unreachable(uri: str) -> str | None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(CONNECT_TIMEOUT)})
+    try:
+        with engine.connect():
+            return None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        return first[0] if first else type(exc).__name__
+    finally:
+        engine.dispose()
+
+
+def tracking_unreachable(uri: str) -> str | None:
+    """Why the tracking server or database at ``uri`` does not answer, or ``None`` when it
+    does (or when ``uri`` is a local file store, which has nothing to reach)."""
+    if uri.startswith(("http://", "https://")):
+        return http_unreachable(uri.rstrip("/") + "/health")
+    if uri.startswith(("postgresql", "mysql")):
+        return _database_unreachable(uri)
+    return None
+
+
+def redacted(uri: str) -> str:
+    """``uri`` without a password (``scheme://user:***@host``)."""
+    head, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return uri
+    auth, _, host = rest.partition("@")
+    user = auth.split(":", 1)[0]
+    return f"{head}://{user}:***@{host}"
+
+
+def require_tracking_server(uri: str) -> None:
+    """Raise :class:`TrackingUnreachableError` within ~``CONNECT_TIMEOUT`` s, naming the URI,
+    when the tracking server does not answer; also shortens MLflow's own HTTP retries."""
+    for key, value in FAST_HTTP_RETRIES.items():
+        os.environ.setdefault(key, value)
+    reason = tracking_unreachable(uri)
+    if reason is not None:
+        raise TrackingUnreachableError(
+            f"MLflow tracking server {redacted(uri)} is unreachable ({reason}); start it or "
+            "point MLFLOW_TRACKING_URI at a running one"
+        )
+
+
+def tracking_client(uri: str | None = None) -> Any:
+    """An ``MlflowClient`` for ``uri`` (resolved as :func:`resolve_tracking_uri`), after
+    checking that its server answers (:func:`require_tracking_server`)."""
+    from mlflow import MlflowClient
+
+    resolved = resolve_tracking_uri(uri)
+    require_tracking_server(resolved)
+    return MlflowClient(resolved)
 
 
 def prefer_proxied_artifact_downloads() -> None:

@@ -15,8 +15,6 @@ import os
 import shutil
 import socket
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,6 @@ from pathlib import Path
 DEMO_DISK_BYTES = 2 * 1024**3
 #: MLflow tracking schemes the preflight does not probe (hosted, own authentication).
 UNCHECKED_SCHEMES = frozenset({"databricks", "databricks-uc", "uc", "mssql"})
-#: Seconds a server check waits for an answer.
-CONNECT_TIMEOUT = 5.0
 
 
 class PreflightError(RuntimeError):
@@ -110,17 +106,10 @@ def port_problems() -> list[str]:
 
 
 def _http_problem(url: str, what: str, fix: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT) as response:
-            response.read(256)
-    except urllib.error.HTTPError as exc:
-        if exc.code < 500:
-            return None  # the server answers (an auth wall or an unknown path is its business)
-        return f"{what} at {url} answers HTTP {exc.code}; {fix}"
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return f"{what} at {url} is not reachable ({reason}); {fix}"
-    return None
+    from clip_train.tracking import http_unreachable
+
+    reason = http_unreachable(url)
+    return None if reason is None else f"{what} at {url} is not reachable ({reason}); {fix}"
 
 
 def tracking_problems(uri: str) -> list[str]:
@@ -146,18 +135,12 @@ def tracking_problems(uri: str) -> list[str]:
 
 
 def _database_problems(uri: str, fix: str) -> list[str]:
-    import sqlalchemy
+    from clip_train.tracking import redacted, tracking_unreachable
 
-    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(CONNECT_TIMEOUT)})
-    try:
-        with engine.connect():
-            return []
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        where = engine.url.render_as_string(hide_password=True)
-        return [f"MLflow database {where} is not reachable ({first[0] if first else exc}); {fix}"]
-    finally:
-        engine.dispose()
+    reason = tracking_unreachable(uri)
+    if reason is None:
+        return []
+    return [f"MLflow database {redacted(uri)} is not reachable ({reason}); {fix}"]
 
 
 def prefect_problems(api_url: str | None) -> list[str]:

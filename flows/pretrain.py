@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import stages
 from flows.defaults import DEMO_RECIPE, DEMO_SOURCE
+from flows.failures import one_line_failures
 from flows.summaries import (
     data_markdown,
     eval_rows,
@@ -67,13 +68,26 @@ def train_overrides(
 
 
 def _check_prerequisites(
-    source: str | None, suite: str, out: Path, tracking_uri: str | None
+    source: str | None, shards: str | None, suite: str, out: Path, tracking_uri: str | None
 ) -> None:
-    """Fail before any work when a dataset, the output folder or MLflow is not usable."""
+    """Fail before any work when a dataset, the shards to train on, the output folder or
+    MLflow is not usable."""
     from clip_train.tracking import resolve_tracking_uri
-    from flows.preflight import Prerequisites, require
+    from flows.preflight import PreflightError, Prerequisites, require
 
+    if not source and shards and "://" not in shards and not Path(shards).is_dir():
+        raise PreflightError(
+            f"shards {shards} is not a directory: ingest a source first (source=...), or pass "
+            "the folder of an ingested dataset"
+        )
     require(Prerequisites(source, suite, str(out), resolve_tracking_uri(tracking_uri)))
+
+
+def _check_run_config(recipe: str, sets: list[str]) -> None:
+    """The recipe with the flow's overrides loads (unknown keys, bad values fail here)."""
+    from clip_train.config import load_run_config
+
+    load_run_config(recipe, sets)
 
 
 def _data_stage(source: str | None, shards: str | None, out: Path) -> str | None:
@@ -93,7 +107,7 @@ def _data_stage(source: str | None, shards: str | None, out: Path) -> str | None
         description="Great Expectations validation of the shards",
     )
     if not report["success"]:
-        raise stages.ValidationFailedError(report["summary"])
+        raise stages.validation_error(report)
     return shards
 
 
@@ -112,8 +126,10 @@ def _overlap_stage(
 ) -> dict[str, Any]:
     where = str(out / "overlap")
     report = stages.overlap_analysis(shards, suite, model_dir, where, detector, verify=verify)
-    create_table_artifact(
-        overlap_rows(report), key="pretrain-overlap", description="train/eval overlap"
+    create_table_artifact(  # contamination counts only calibrated or verified overlaps
+        overlap_rows(report),
+        key="pretrain-overlap",
+        description=f"train/eval overlap (status: {report.get('status', '-')})",
     )
     return report
 
@@ -175,51 +191,56 @@ def pretrain(  # noqa: PLR0917 - flow parameters are passed by name
         overlap_detector: ``None``: the CLIP image tower finds duplicates; ``"train"``: train
             the tiny dedicated detector on the shards first; else a trained detector dir.
         overlap_verify: pixel verification of the detector's candidates: ``auto`` (on with a
-            detector), ``on`` or ``off`` (``clipops overlap --verify``).
+            detector), ``on`` or ``off`` (``clipops overlap --verify``). Unverified and not
+            calibrated on planted copies, candidates are reported as unverified (status in
+            the overlap table), never as contamination.
         registry: register the model (``candidate`` alias, then the champion rule).
     """
-    name = run_name or default_run_name(recipe)
-    out = Path(out_dir) / name
-    _check_prerequisites(source, suite, out, tracking_uri)
-    shard_dir = _data_stage(source, shards, out)
-    sets = train_overrides(
-        shards=shard_dir,
-        run_name=name,
-        storage_path=storage_path or str(out / "train"),
-        ray_address=ray_address,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        tracking_uri=tracking_uri,
-        extra=list(overrides or []),
-    )
-    trained = stages.train_model(recipe, sets)
-    curve = stages.loss_curve(trained["tracking_uri"], trained["mlflow_run_id"])
-    create_markdown_artifact(
-        training_markdown(trained, curve), key="pretrain-training", description="training run"
-    )
-    model_dir = stages.local_model(trained["final_model"], str(out / "model"))
-    report = None
-    if overlap and shard_dir is not None:
-        report = _overlap_stage(
-            shard_dir, suite, model_dir, out, overlap_detector, verify=overlap_verify
+    with one_line_failures():  # the failed state carries a one-line reason
+        name = run_name or default_run_name(recipe)
+        out = Path(out_dir) / name
+        _check_prerequisites(source, shards, suite, out, tracking_uri)
+        planned = shards or (str(out / "shards") if source else None)
+        sets = train_overrides(
+            shards=planned,
+            run_name=name,
+            storage_path=storage_path or str(out / "train"),
+            ray_address=ray_address,
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            tracking_uri=tracking_uri,
+            extra=list(overrides or []),
         )
-    evaluation = stages.evaluate_model(
-        model_dir, suite, str(out / "eval"), str(out / "feature_cache"), eval_threads
-    )
-    stages.log_eval(trained["tracking_uri"], trained["mlflow_run_id"], evaluation)
-    _publish_eval(evaluation, trained)
-    overlap_path = None if report is None else str(report["report_path"])
-    registered = _register_stage(trained, model_name, out, overlap_path) if registry else None
-    return {
-        "run_name": name,
-        "run_dir": str(out),
-        "shards": shard_dir,
-        "final_model": trained["final_model"],
-        "mlflow_run_id": trained["mlflow_run_id"],
-        "tracking_uri": trained["tracking_uri"],
-        "eval_results": evaluation["results"],
-        "eval_summary": evaluation["summary"],
-        "headline": headline_metrics(evaluation["records"]),
-        "overlap_report": overlap_path,
-        "registered": registered,
-    }
+        _check_run_config(recipe, sets)  # a config error fails now, before ingest
+        shard_dir = _data_stage(source, shards, out)
+        trained = stages.train_model(recipe, sets)
+        curve = stages.loss_curve(trained["tracking_uri"], trained["mlflow_run_id"])
+        create_markdown_artifact(
+            training_markdown(trained, curve), key="pretrain-training", description="training run"
+        )
+        model_dir = stages.local_model(trained["final_model"], str(out / "model"))
+        report = None
+        if overlap and shard_dir is not None:
+            report = _overlap_stage(
+                shard_dir, suite, model_dir, out, overlap_detector, verify=overlap_verify
+            )
+        evaluation = stages.evaluate_model(
+            model_dir, suite, str(out / "eval"), str(out / "feature_cache"), eval_threads
+        )
+        stages.log_eval(trained["tracking_uri"], trained["mlflow_run_id"], evaluation)
+        _publish_eval(evaluation, trained)
+        overlap_path = None if report is None else str(report["report_path"])
+        registered = _register_stage(trained, model_name, out, overlap_path) if registry else None
+        return {
+            "run_name": name,
+            "run_dir": str(out),
+            "shards": shard_dir,
+            "final_model": trained["final_model"],
+            "mlflow_run_id": trained["mlflow_run_id"],
+            "tracking_uri": trained["tracking_uri"],
+            "eval_results": evaluation["results"],
+            "eval_summary": evaluation["summary"],
+            "headline": headline_metrics(evaluation["records"]),
+            "overlap_report": overlap_path,
+            "registered": registered,
+        }

@@ -3,8 +3,9 @@
 No maths here: ``ingest`` is :func:`clip_data.ingest.ingest`, ``validate`` is
 :func:`clip_data.validate.validate_dataset`, ``train`` is :func:`clip_train.run.train`,
 ``evaluate`` is :func:`clip_eval.suite.run_suite` + :func:`clip_eval.report.write_report`.
-Tasks that touch storage or servers (S3 reads, MLflow) retry on transient (``OSError``)
-failures only; a deterministic failure (bad data, bad config) fails at once. Heavy libraries
+Tasks that touch storage, servers or the Ray cluster retry transient failures only (I/O, a
+lost Ray worker: :func:`flows.failures.transient`); a deterministic failure (bad data, bad
+config, an unreachable tracking server) fails at once. Heavy libraries
 are imported inside the tasks.
 """
 
@@ -15,12 +16,16 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NONE
 
 from clip_eval.metrics import eval_metrics
+from flows.failures import transient
+
+if TYPE_CHECKING:
+    from clip_eval.suite import Suite
 
 
 def stdout_and_run_log() -> Callable[[str], None]:
@@ -45,11 +50,6 @@ def stdout_and_run_log() -> Callable[[str], None]:
     return log
 
 
-def transient(_task: Any, _run: Any, state: Any) -> bool:
-    """Retry condition: only I/O-level errors (network, S3, a busy database) are retried."""
-    return isinstance(getattr(state, "data", None), OSError)
-
-
 @task(
     name="ingest",
     retries=2,
@@ -71,6 +71,16 @@ class ValidationFailedError(RuntimeError):
     """The Great Expectations suite failed on the ingested shards: nothing is trained."""
 
 
+def validation_error(report: dict[str, Any]) -> ValidationFailedError:
+    """The one-line error of a failed validation: its head line and the failing checks."""
+    head = str(report["summary"]).splitlines()[0]
+    names = [
+        f"{f['name']}({f['column']})" if f.get("column") else f["name"] for f in report["failures"]
+    ]
+    more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+    return ValidationFailedError(f"{head}; failing: {', '.join(names[:5])}{more}")
+
+
 @task(name="validate", cache_policy=NONE)
 def validate_shards(dest: str) -> dict[str, Any]:
     """``clipops validate DEST``: ``success``, ``rows``, ``summary`` and the failing checks."""
@@ -85,7 +95,13 @@ def validate_shards(dest: str) -> dict[str, Any]:
     }
 
 
-@task(name="train", retries=1, retry_delay_seconds=5, cache_policy=NONE)
+@task(
+    name="train",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,  # a lost Ray worker or node, not a config or data error
+    cache_policy=NONE,
+)
 def train_model(recipe: str, overrides: list[str]) -> dict[str, Any]:
     """``clipops train --config RECIPE --set ...`` on Ray Train; a retry resumes the run.
 
@@ -146,17 +162,23 @@ def loss_curve(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
 
 @task(name="evaluate", cache_policy=NONE)
 def evaluate_model(
-    model: str, suite: str, out_dir: str, cache_dir: str | None = None, threads: int | None = 1
+    model: str,
+    suite: str | Suite,
+    out_dir: str,
+    cache_dir: str | None = None,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
-    """``clipops eval --model CKPT --suite SUITE --out DIR``: records + report files."""
+    """``clipops eval --model CKPT --suite SUITE --out DIR``: records + report files
+    (``suite``: a suite file, or a suite already loaded, e.g. a registered model's own)."""
     from clip_eval.report import write_report
-    from clip_eval.suite import load_suite, run_suite
+    from clip_eval.suite import Suite, load_suite, run_suite
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    records = run_suite(model, load_suite(suite), cache_dir=cache_dir, progress=None)
+    parsed = suite if isinstance(suite, Suite) else load_suite(suite)
+    records = run_suite(model, parsed, cache_dir=cache_dir, progress=None)
     written = write_report(records, out_dir)
     return {
         "records": records,
@@ -209,7 +231,9 @@ def overlap_analysis(
     ``detector`` ``None`` uses the CLIP image tower as the duplicate detector; ``"train"``
     first trains the tiny dedicated detector on the shards (``clipops overlap-detector
     --tiny``) into ``OUT_DIR/detector``; anything else is a trained detector directory.
-    ``verify``: the pixel verification of candidates (``auto``: on with a detector).
+    ``verify``: the pixel verification of candidates (``auto``: on with a detector). The
+    report's ``status`` (:mod:`clip_overlap.status`) says what its contamination counts:
+    without a calibrated detector only exact duplicates, the rest ``unverified_candidates``.
     """
     from clip_overlap.pipeline import OverlapConfig, run_overlap
 

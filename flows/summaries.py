@@ -154,23 +154,32 @@ def rows_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
 
 
 def overlap_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per evaluation dataset of an overlap report (percentages, p-values)."""
+    """One row per evaluation dataset of an overlap report (percentages, p-values).
+
+    ``contamination (%)`` counts only trustworthy overlaps (:func:`clip_overlap.status.
+    published`); ``status`` says which detection backs it and ``unverified candidates`` are
+    the near-duplicate candidates of an uncalibrated, unverified detector, never counted.
+    """
+    from clip_overlap.status import published
 
     def pct(value: Any) -> float | None:
         return None if value is None else round(100 * float(value), 2)
 
     rows = []
     for label, r in sorted((report.get("datasets") or {}).items()):
+        shown = published(r)
         rows.append(
             {
                 "dataset": label,
+                "status": shown.status,
                 "examples": r.get("n_all"),
-                "overlap": r.get("n_overlap"),
-                "contamination (%)": pct(r.get("contamination")),
+                "overlap": shown.n_overlap,
+                "contamination (%)": pct(shown.contamination),
+                "unverified candidates (not counted)": shown.unverified_candidates,
                 "acc all (%)": pct(r.get("acc_all")),
-                "acc clean (%)": pct(r.get("acc_clean")),
-                "all - clean (points)": pct(r.get("all_minus_clean")),
-                "p (Bonferroni)": r.get("p_value_bonferroni"),
+                "acc clean (%)": pct(r.get("acc_clean")) if shown.split_stats else None,
+                "all - clean (points)": pct(shown.all_minus_clean),
+                "p (Bonferroni)": r.get("p_value_bonferroni") if shown.split_stats else None,
             }
         )
     return rows

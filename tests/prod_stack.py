@@ -45,6 +45,10 @@ PG_USER = "clipops"
 RAY_LEAN_ENV = dict(LOCAL_CLUSTER_ENV)
 
 
+#: How clipops starts a Prefect server: its settings file (infra/prefect/server.env) applied.
+PREFECT_SERVER_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prefect-server.sh"
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket() as probe:
@@ -277,20 +281,20 @@ def ray_head(env: Mapping[str, str], temp: Path, num_cpus: int = 4) -> Iterator[
 def prefect_server(
     database_url: str, env: Mapping[str, str], home: Path, log: Path, timeout: float = 300.0
 ) -> Iterator[str]:
-    """``prefect server start`` on a free loopback port with ``database_url`` as its database.
+    """``scripts/prefect-server.sh`` on a free loopback port with ``database_url`` as its
+    database.
 
     Yields the API URL (``http://127.0.0.1:PORT/api``). The database URL (it holds the
     password) travels in the server's environment, never on its command line; the UI and
     analytics are off; ``home`` is its ``PREFECT_HOME``. Stops the whole process group on exit.
     """
     port = free_port()
-    prefect = str(Path(sys.executable).parent / "prefect")
-    cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = ["bash", str(PREFECT_SERVER_SCRIPT), "--host", "127.0.0.1", "--port", str(port)]
     full_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     full_env.update(
+        PREFECT=str(Path(sys.executable).parent / "prefect"),
         PREFECT_HOME=str(home),
         PREFECT_API_DATABASE_CONNECTION_URL=database_url,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
     )
     home.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,10 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from clip_eval.paired import PairedComparison, paired_bootstrap
 from clip_registry.metrics import headline_metrics, overlap_summary
 from clip_registry.promote import PromotionRule, RuleError, decide, version_metrics
 from clip_registry.register import default_model_name
@@ -143,7 +145,25 @@ def test_overlap_summary_tolerates_junk() -> None:
     assert overlap_summary({"a": {"contamination": None}}) == {}
 
 
-def test_decide_first_improve_tie_regress() -> None:
+def _comparison(gain: int, noise: int = 0, n: int = 2000) -> PairedComparison:
+    """Paired outcomes on ``n`` examples, the champion right on the first half: the candidate
+    is right on ``gain`` % more (or fewer) of them, and on ``noise`` examples each way it
+    wins one the champion lost and loses one the champion won (no net change)."""
+    base = np.zeros(n, dtype=np.int8)
+    base[: n // 2] = 1
+    cand = base.copy()
+    k = abs(gain) * n // 100
+    if gain > 0:
+        cand[n // 2 : n // 2 + k] = 1
+    elif gain < 0:
+        cand[:k] = 0
+    if noise:
+        cand[n - noise :] = 1
+        cand[n // 2 - noise : n // 2] = 0
+    return paired_bootstrap({"d": (cand, base)}, resamples=2000)
+
+
+def test_decide_on_paired_intervals() -> None:
     rule = PromotionRule(max_regression=0.02)
     first = decide({"zero_shot/mean/top1": 0.1}, None, rule)
     assert first.promote and "no champion" in first.reasons[0]
@@ -151,33 +171,38 @@ def test_decide_first_improve_tie_regress() -> None:
 
     champ = {"zero_shot/mean/top1": 0.50, "zero_shot/a/top1": 0.6, "zero_shot/b/top1": 0.4}
     better = {"zero_shot/mean/top1": 0.55, "zero_shot/a/top1": 0.59, "zero_shot/b/top1": 0.51}
-    v = decide(better, champ, rule)
-    assert v.promote, v.reasons
-    assert "improved" in v.reasons[0]
+    gain = _comparison(5)
+    v = decide(better, champ, rule, gain)
+    assert v.promote and v.comparison is gain, v.reasons
+    assert "significant gain" in v.reasons[0] and "95% CI" in v.reasons[0]
 
-    assert not decide(champ, champ, rule).promote  # a tie keeps the champion
-    assert not decide(better, champ, PromotionRule(min_improvement=0.1)).promote
+    # no paired evaluation: nothing is decided on point estimates
+    pending = decide(better, champ, rule)
+    assert pending.outcome == "pending" and "nightly" in pending.reasons[0]
+    # a tie, and noise of either sign, keep the champion without a flag
+    assert decide(champ, champ, rule, _comparison(0)).outcome == "reject"
+    noisy = decide(better, champ, rule, _comparison(0, noise=30))
+    assert noisy.outcome == "reject" and "no significant difference" in noisy.reasons[0]
+    # a real gain smaller than the minimum effect is not promoted
+    assert decide(better, champ, PromotionRule(min_improvement=0.1), gain).outcome == "reject"
+    # a significant loss is flagged
+    assert decide(champ, better, rule, _comparison(-5)).outcome == "regress"
 
     regress = {"zero_shot/mean/top1": 0.6, "zero_shot/a/top1": 0.5, "zero_shot/b/top1": 0.7}
-    v = decide(regress, champ, rule)
-    assert not v.promote
+    v = decide(regress, champ, rule, gain)
+    assert v.outcome == "reject"
     assert any(r.startswith("zero_shot/a/top1 regressed") for r in v.reasons)
-    assert decide(regress, champ, PromotionRule(max_regression=0.2)).promote
-    assert decide(regress, champ, PromotionRule(guarded_prefixes=("linear_probe/",))).promote
-
-    unevaluated_champion = decide(better, {}, rule)  # e.g. registered without --eval-dir
-    assert unevaluated_champion.promote
-    assert "champion has no value" in unevaluated_champion.reasons[0]
-
-    missing = decide({"zero_shot/a/top1": 0.9}, champ, rule)
-    assert not missing.promote and "has no zero_shot/mean/top1" in missing.reasons[0]
+    assert decide(regress, champ, PromotionRule(max_regression=0.2), gain).promote
+    wide = PromotionRule(guarded_prefixes=("linear_probe/",))
+    assert decide(regress, champ, wide, gain).promote
 
 
 def test_rule_from_specs(tmp_path: Path) -> None:
     f = tmp_path / "rule.yaml"
-    f.write_text("primary_metric: linear_probe/mean/top1\nmax_regression: 0.05\n")
+    f.write_text("primary_metric: zero_shot/cifar10/top1\nmax_regression: 0.05\n")
     rule = PromotionRule.from_specs([str(f), "min_improvement=0.01"])
-    assert rule == PromotionRule("linear_probe/mean/top1", 0.01, 0.05)
+    assert rule == PromotionRule("zero_shot/cifar10/top1", 0.01, 0.05)
+    assert rule.paired_dataset() == "cifar10" and PromotionRule().paired_dataset() is None
     assert json.loads(rule.to_json())["max_regression"] == 0.05
     assert PromotionRule.from_specs(["guarded_prefixes=[zero_shot/]"]).guarded_prefixes == (
         "zero_shot/",
@@ -186,6 +211,12 @@ def test_rule_from_specs(tmp_path: Path) -> None:
         PromotionRule.from_specs(["margin=0.1"])
     with pytest.raises(RuleError, match=">= 0"):
         PromotionRule.from_specs(["max_regression=-1"])
+    with pytest.raises(RuleError, match="per-example results to pair"):
+        PromotionRule.from_specs(["primary_metric=linear_probe/mean/top1"])
+    with pytest.raises(RuleError, match=r"confidence must be >= 0\.5 and < 1"):
+        PromotionRule.from_specs(["confidence=1.0"])
+    with pytest.raises(RuleError, match="resamples must be >= 100"):
+        PromotionRule.from_specs(["resamples=10"])
     with pytest.raises(RuleError, match="readable YAML"):
         PromotionRule.from_specs([str(tmp_path / "missing.yaml")])
 

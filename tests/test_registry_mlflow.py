@@ -179,33 +179,83 @@ def test_better_run_promoted_regressing_run_rejected(
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
 
 
-def test_apply_rule_with_fresh_metrics(store: dict[str, Any]) -> None:
-    """What the nightly evaluation does: fresh numbers for champion and candidate."""
-    from clip_registry.promote import PromotionRule, apply_rule, apply_rule_to_records
+def test_apply_rule_with_fresh_records(store: dict[str, Any]) -> None:
+    """What the nightly evaluation does: fresh per-example results for both, paired."""
+    from test_registry_support import _record
+
+    from clip_registry.promote import REGRESSION_TAG, PromotionRule, apply_rule
 
     uri = store["uri"]
     client = _client(uri)
     client.set_registered_model_alias(NAME, "champion", "3")
-    fresh = {"3": {"zero_shot/mean/top1": 0.5}, "1": {"zero_shot/mean/top1": 0.6}}
-    decision = apply_rule(NAME, version=1, metrics=fresh, tracking_uri=uri, rule=PromotionRule())
+
+    def records(synth: float, digits: float) -> list[dict[str, Any]]:
+        return [_record("synth", ZS, synth), _record("digits", ZS, digits)]
+
+    same = {"1": records(0.5, 0.3), "3": records(0.5, 0.3)}  # e.g. the same checkpoint twice
+    decision = apply_rule(NAME, version=1, records=same, tracking_uri=uri)
+    assert (decision.outcome, decision.champion_after) == ("rejected", "3")
+    assert decision.comparison is not None and decision.comparison.delta == 0.0
+    tags = client.get_model_version(NAME, "1").tags
+    assert tags[REGRESSION_TAG] == "false" and tags["clipops.promotion.ci_low"] == "0"
+
+    worse = {"1": records(0.40, 0.25), "3": records(0.5, 0.3)}
+    decision = apply_rule(NAME, version=1, records=worse, tracking_uri=uri)
+    assert (decision.outcome, decision.champion_after) == ("regressed", "3")
+    tags = client.get_model_version(NAME, "1").tags
+    assert tags[REGRESSION_TAG] == "true" and float(tags["clipops.promotion.ci_high"]) < 0
+
+    better = {"1": records(0.6, 0.35), "3": records(0.5, 0.3)}
+    decision = apply_rule(NAME, version=1, records=better, tracking_uri=uri, rule=PromotionRule())
     assert (decision.outcome, decision.champion_before, decision.champion_after) == (
         "promoted",
         "3",
         "1",
     )
+    assert decision.comparison is not None and decision.comparison.low > 0
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
-    # the same through evaluation records: v3's fresh zero-shot beats v1's
-    records = {
-        "1": [{"dataset": "synth", "task": "zero_shot", "metrics": {"top1": 0.5}}],
-        "3": [{"dataset": "synth", "task": "zero_shot", "metrics": {"top1": 0.7}}],
-    }
-    decision = apply_rule_to_records(NAME, 3, records, tracking_uri=uri)
-    assert (decision.outcome, decision.champion_after) == ("promoted", "3")
-    assert "0.7000 vs champion 0.5000" in decision.reasons[0]
+    tags = client.get_model_version(NAME, "1").tags
+    assert float(tags["clipops.promotion.delta"]) == pytest.approx(0.075)
+    assert "95% CI" in tags["clipops.promotion.reasons"]
     with pytest.raises(LookupError, match="no 'candidate' alias"):
         apply_rule("no-such-model", tracking_uri=uri)
     with pytest.raises(LookupError, match="has no version 99"):
         apply_rule(NAME, version="99", tracking_uri=uri)
+
+
+def test_a_run_on_another_suite_is_refused_before_registration(store: dict[str, Any]) -> None:
+    from test_registry_support import write_eval_dir
+
+    from clip_registry.register import RegistryError, register_run
+
+    uri, root = store["uri"], store["root"]
+    client = _client(uri)
+    before = len(client.search_model_versions(f"name = '{NAME}'"))
+    declared = client.get_registered_model(NAME).tags["clipops.suite_fingerprint"]
+    other = write_eval_dir(root / "eval-other", {("cifar", ZS): 0.9})
+    ckpt = random_checkpoint(root / "ckpt-other", seed=7)
+    run = log_training_run(uri, ckpt, "run-other")
+    with pytest.raises(
+        RegistryError, match=f"is evaluated on suite 'test' \\(fingerprint {declared}"
+    ):
+        register_run(run, eval_dir=other, tracking_uri=uri)
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == before
+
+
+def test_an_unreachable_tracking_server_fails_fast_naming_it() -> None:
+    import time
+
+    from prod_stack import free_port
+
+    from clip_registry.promote import apply_rule
+    from clip_train.tracking import TrackingUnreachableError
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(TrackingUnreachableError, match=f"MLflow tracking server {dead} is"):
+        apply_rule(NAME, tracking_uri=dead)
+    assert time.monotonic() - started < 15
+    assert main(["promote", "--name", NAME, "--tracking-uri", dead]) == 2
 
 
 def test_cli_errors(store: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:

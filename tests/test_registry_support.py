@@ -155,13 +155,24 @@ def log_training_run(
     return target.run_id
 
 
+#: Test images per zero-shot record: its first ``round(top1 * N)`` are the correct ones, so a
+#: higher top-1 on the same dataset is a superset of correct examples (a clear paired gain).
+EXAMPLES = 1000
+
+
 def _record(dataset: str, task: str, top1: float) -> dict[str, Any]:
     metrics: dict[str, Any] = {"top1": top1}
+    extra: dict[str, Any] = {}
     if task == "zero_shot":
         metrics.update(
             chance=0.1,
             ensembling={"bare_top1": top1, "single_top1": top1, "ensemble_top1": top1},
         )
+        k = round(top1 * EXAMPLES)
+        extra["per_example"] = {
+            "ids": [f"{dataset}-{i:04d}" for i in range(EXAMPLES)],
+            "top1_correct": [1] * k + [0] * (EXAMPLES - k),
+        }
     else:
         metrics.update(C=1.0, train_examples=100)
     return {
@@ -171,10 +182,12 @@ def _record(dataset: str, task: str, top1: float) -> dict[str, Any]:
         "model": "tiny",
         "checkpoint_sha256": "0" * 64,
         "task": task,
+        "options": {},
         "metrics": metrics,
         "classnames": ["a", "b"],
         "templates": [],
         "timing": {"seconds": 0.5},
+        **extra,
     }
 
 
