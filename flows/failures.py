@@ -78,7 +78,7 @@ def is_transient(exc: BaseException) -> bool:
     from clip_train.tracking import TrackingUnreachableError
 
     chain = _chain(exc)
-    if any(isinstance(e, DETERMINISTIC | TrackingUnreachableError) for e in chain):
+    if any(isinstance(e, (*DETERMINISTIC, TrackingUnreachableError)) for e in chain):
         return False
     lost = _lost_ray_classes()
     return any(isinstance(e, OSError) or (lost and isinstance(e, lost)) for e in chain)

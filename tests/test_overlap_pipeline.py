@@ -79,7 +79,7 @@ def test_detector_on_planted_copies(corpus: dict[str, Any]) -> None:
     )
     r = report["datasets"]["synthetic-test"]
     print(f"dedicated detector + verification: {r['ground_truth']}")
-    assert r["calibration"] == "planted-in-shards"
+    assert r["calibration"] == "planted-in-shards" and r["status"] == "calibrated"
     assert r["score"] == "verified" and report["score"] == "verified"
     assert report["verify"]["k"] == 5
     assert r["ground_truth"]["planted"] == len(PLANTED)
