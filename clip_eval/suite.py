@@ -40,6 +40,7 @@ from clip_core.tokenizer import ClipTokenizer
 from clip_core.yamlio import load_yaml
 from clip_core.zeroshot import DEFAULT_TEMPLATE, ClassifierCache, classification_metrics
 from clip_eval.datasets import EvalDataset, Split, load_dataset, split_for_probe
+from clip_eval.metrics import c_label
 from clip_eval.paired import PER_EXAMPLE, example_ids, per_example
 
 TASK_TYPES = ("zero_shot", "linear_probe", "few_shot", "retrieval", "robustness")
@@ -118,6 +119,14 @@ def parse_suite(raw: Any) -> Suite:
         raise SuiteError("'tasks' must be a non-empty list")
     batch_size = raw.get("batch_size", 64)
     built = tuple(_task(t, i, batch_size) for i, t in enumerate(tasks))
+    seen: dict[tuple[str, str], int] = {}
+    for i, t in enumerate(built):
+        first = seen.setdefault((t.dataset, t.task), i)
+        if first != i:
+            raise SuiteError(
+                f"task {i} repeats task {first} (dataset {t.dataset!r}, task {t.task!r}): "
+                "their metrics would share names"
+            )
     return Suite(str(raw.get("name", "suite")), built)
 
 
@@ -374,7 +383,7 @@ def _linear_probe(run: Runner, ds: EvalDataset, task: Task) -> dict[str, Any]:
         refine_rounds=int(o["refine_rounds"]),
         seed=int(o["seed"]),
     )
-    sweep = {f"{c:.6g}": acc for c, acc in sorted(result.sweep.items())}
+    sweep = {c_label(c): acc for c, acc in sorted(result.sweep.items())}
     metrics = {**result.metrics, "C": result.C, "sweep": sweep, "train_examples": len(ytr)}
     return {"metrics": metrics, "templates": [], "images": len(ytr) + len(yte)}
 

@@ -7,7 +7,7 @@
 2. links the evaluation (``clipops eval --out DIR``: ``results.jsonl``, ``summary.md``, PNGs;
    the feature cache is left out) and the overlap report to the run as artifacts ``eval/`` and
    ``overlap/``, and logs the eval metrics to the run at the final step under the flows' names,
-   ``eval/<dataset>/<task>/...`` (:func:`clip_eval.metrics.eval_metrics`);
+   ``transfer/<dataset>/<task>/...`` (:func:`clip_eval.metrics.eval_metrics`);
 3. logs the checkpoint as a pyfunc model of the run (:mod:`clip_registry.logged`) and
    registers it, unless a version of this run already exists (registration is safe to rerun:
    the existing version is reused and its tags refreshed);
@@ -129,7 +129,7 @@ def _eval_files(
     eval_dir: Path, records: list[dict[str, Any]]
 ) -> tuple[list[Path], dict[str, float], dict[str, float]]:
     """The files to link, the headline metrics (version tags, promotion) and the run metrics
-    (``eval/<dataset>/<task>/...``, the names the flows log)."""
+    (``transfer/<dataset>/<task>/...``, the names the flows log)."""
     from clip_eval.metrics import eval_metrics
 
     try:

@@ -6,7 +6,7 @@ model's own suite** (declared at registration, :mod:`clip_registry.register`; re
 the declaring version's ``eval/results.jsonl``), or on ``suite`` when one is given; the
 training run's ``checkpoint/`` artifact is the model. Each evaluation is one MLflow run in the
 ``nightly-eval`` experiment (tags: model name, version, aliases, suite; metrics
-``eval/<dataset>/<task>/...``; the report files under ``eval/``). The registry's promotion
+``transfer/<dataset>/<task>/...``; the report files under ``eval/``). The registry's promotion
 rule then compares each candidate with the champion on tonight's per-example results (a
 paired bootstrap, :mod:`clip_registry.promote`), and a table artifact compares the versions.
 A model with no declared suite (registered without an evaluation) is skipped, and said so.

@@ -7,9 +7,9 @@ real 2-worker Ray training keeps the test to a few minutes.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +21,16 @@ from prod_stack import RAY_LEAN_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-CODE = ("clip_core", "clip_data", "clip_train", "clip_eval", "clip_overlap", "flows", "configs")
+CODE = (
+    "clip_core",
+    "clip_data",
+    "clip_train",
+    "clip_eval",
+    "clip_overlap",
+    "clip_registry",
+    "flows",
+    "configs",
+)
 
 
 def _dvc(repo: Path, *args: str, timeout: float = 900) -> str:
@@ -56,7 +65,12 @@ def repo(tmp_path: Path) -> Path:
     repo.mkdir()
     for name in CODE:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
+    ignores = subprocess.run(
+        ["git", "ls-files", "*.gitignore"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    ignores = [name for name in ignores if not name.startswith(".dvc/")]  # `dvc init` writes it
+    for name in ("dvc.yaml", ".dvcignore", *ignores):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["ingest"]["source"] = "synthetic:train=256,test=32,seed=0,image_size=64"
@@ -85,17 +99,37 @@ def test_repro_runs_all_then_nothing_then_only_what_a_param_touches(repo: Path) 
     assert manifest["counts"]["accepted"] == 288
     assert json.loads((repo / "pipeline/validated/validation.json").read_text())["success"]
     assert (repo / "pipeline/train/dvc-tiny/final/model.safetensors").is_file()
-    metrics = json.loads((repo / "pipeline/reports/eval.json").read_text())
-    assert 0.0 <= metrics["eval/synthetic-test/zero_shot/top1"] <= 1.0
-    with (repo / "pipeline/reports/loss.csv").open() as f:
-        loss = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in loss] == [1, 2, 3, 4]  # 256 rows / 64 per step, one epoch
-    with (repo / "pipeline/reports/zeroshot_vs_probe.csv").open() as f:
-        assert [r["dataset"] for r in csv.DictReader(f)] == ["synthetic-test"]
+    zero_shot = json.loads((repo / "pipeline/metrics/eval/zero_shot_top1.json").read_text())
+    assert set(zero_shot) == {"synthetic-test", "mean"} and 0.0 <= zero_shot["mean"] <= 1.0
+    train = json.loads((repo / "pipeline/metrics/train.json").read_text())
+    assert train["steps"] == 4 and train["final_loss"] > 0  # 256 rows / 64 per step, one epoch
+    assert (repo / "pipeline/reports/loss.png").read_bytes()[:4] == b"\x89PNG"
     overlap = json.loads((repo / "pipeline/overlap/overlap.json").read_text())
     assert set(overlap["datasets"]) and (repo / "pipeline/overlap/overlap.md").is_file()
-    shown = _dvc(repo, "metrics", "show", "--json")
-    assert "eval/synthetic-test/linear_probe/top1" in shown
+    contamination = json.loads((repo / "pipeline/metrics/overlap_contamination.json").read_text())
+    assert set(contamination) <= {*overlap["datasets"], "max"}
+
+    # `dvc metrics show`: a row per concern, a handful of columns (not one 62-column row)
+    shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
+    files = next(iter(shown.values()))["data"]
+    assert {Path(f).name for f in files} >= {"train.json", "zero_shot_top1.json"}, files
+    columns = {k for f in files.values() for k in f["data"]}
+    assert 3 <= len(columns) <= 8, sorted(columns)
+    # `dvc plots show`: image plots only, so the page needs nothing from the network
+    _dvc(repo, "plots", "show", "-o", str(repo / "dvc_plots"))
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) >= 3 and all((repo / "dvc_plots" / i).is_file() for i in images), images
+    assert "<script" not in page and "http" not in page.lower(), page[:2000]
+    # nothing to commit but the pipeline's lock: every output is ignored
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert status.splitlines() == ["?? dvc.lock"], status
 
     second = _dvc(repo, "repro")
     assert _ran(second) == set(), second[-3000:]

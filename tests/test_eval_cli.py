@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow_sections import ui_sections
 
 from clip_cli.main import main
 from clip_core import create_model
 from clip_core.checkpoint import load_checkpoint, save_checkpoint
 from clip_core.synthetic import generate
 from clip_core.tokenizer import ClipTokenizer
+from clip_eval.metrics import c_label, eval_metrics
 
 SUITE = """
 name: small
@@ -74,8 +76,14 @@ def test_clipops_eval_end_to_end(
         assert r["timing"]["seconds"] > 0 and r["classnames"]
     zs, lp, few, retrieval, robust, digits = records
     sweep = lp["metrics"]["sweep"]
-    assert f"{lp['metrics']['C']:.6g}" in sweep and all(0 <= a <= 1 for a in sweep.values())
-    assert max(sweep.values()) == sweep[f"{lp['metrics']['C']:.6g}"]
+    assert c_label(lp["metrics"]["C"]) in sweep and all(0 <= a <= 1 for a in sweep.values())
+    assert max(sweep.values()) == sweep[c_label(lp["metrics"]["C"])]
+    assert {"C_1e-6", "C_1", "C_1e6"} <= set(sweep), sorted(sweep)  # the grid's ends and middle
+    names = eval_metrics(records)  # MLflow names: unique, training charts listed first
+    assert "transfer/synthetic-test/linear_probe/sweep/C_1e6" in names
+    assert "transfer/synthetic-test/retrieval/text_to_image_R_10" in names
+    assert not [k for k in names if "+" in k or "_e_" in k or "e-0" in k], sorted(names)
+    assert ui_sections([*names, "train/loss", "train/lr"])[0] == "train"
     assert zs["templates"] and 0 <= zs["metrics"]["top1"] <= 1 and "top5" in zs["metrics"]
     assert set(zs["metrics"]["ensembling"]) >= {"bare_top1", "single_top1", "ensemble_top1"}
     assert few["metrics"]["ks"] == [1, 2, 4] and "zero_shot_top1" in few["metrics"]

@@ -64,6 +64,14 @@ def test_default_suite_parses_with_all_defaults() -> None:
         (_suite({"dataset": "x", "task": "retrieval", "batch_size": 0}), "batch_size"),
         (_suite({"task": "retrieval"}), "'dataset'"),
         ([1, 2], "mapping"),
+        (
+            _suite(
+                {"dataset": "x", "task": "zero_shot"},
+                {"dataset": "y", "task": "zero_shot"},
+                {"dataset": "x", "task": "zero_shot"},
+            ),
+            r"task 2 repeats task 0 \(dataset 'x', task 'zero_shot'\).*share names",
+        ),
     ],
 )
 def test_strict_suite_keys(raw: Any, message: str) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import yaml
 
-from clip_eval.metrics import eval_metrics, metric_key
 from clip_train.config import list_recipes, load_run_config
 from flows.summaries import (
     comparison_rows,
@@ -31,20 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _record(dataset: str, task: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {"dataset": dataset, "task": task, "metrics": metrics, "timing": {"seconds": 1.0}}
-
-
-def test_eval_metrics_keeps_finite_scalars_with_stable_names() -> None:
-    records = [
-        _record("synthetic-test", "zero_shot", {"top1": 0.75, "ensembling": {"bare_top1": 0.5}}),
-        _record("digits", "few_shot", {"ks": [1, 2], "mean_top1": [0.1, 0.2], "c": None}),
-        _record("tux", "retrieval", {"image_R@1": 0.25, "bad": float("nan"), "flag": True}),
-    ]
-    assert eval_metrics(records) == {
-        "eval/synthetic-test/zero_shot/top1": 0.75,
-        "eval/synthetic-test/zero_shot/ensembling/bare_top1": 0.5,
-        "eval/tux/retrieval/image_R_1": 0.25,
-    }
-    assert metric_key("eval", "a:b", "c") == "eval/a_b/c"
 
 
 def test_headline_and_comparison_rows() -> None:
@@ -200,8 +185,8 @@ def test_failed_validation_stops_the_flow_before_training(
     assert "training was not started" in artifact.data and "FAIL" in artifact.data
 
 
-def test_export_eval_writes_dvc_metrics_and_the_zero_shot_vs_probe_rows(tmp_path: Path) -> None:
-    import csv
+def test_export_eval_writes_one_small_file_per_task_metric(tmp_path: Path) -> None:
+    """``dvc metrics show`` gets a row per task metric and a column per dataset (+ mean)."""
     import json
 
     from clip_eval.report import write_jsonl
@@ -209,17 +194,50 @@ def test_export_eval_writes_dvc_metrics_and_the_zero_shot_vs_probe_rows(tmp_path
 
     records = [
         _record("syn", "zero_shot", {"top1": 0.7, "top5": 0.9}),
-        _record("syn", "linear_probe", {"top1": 0.8, "C": 0.5}),
+        _record("syn", "linear_probe", {"top1": 0.8, "C": 0.5, "sweep": {"C_1e6": 0.1}}),
         _record("digits", "zero_shot", {"top1": 0.2}),
+        _record("tux", "retrieval", {"image_to_text_R@1": 0.3, "text_to_image_R@1": 0.4}),
     ]
     results = write_jsonl(records, tmp_path / "results.jsonl")
-    out, plot = tmp_path / "m" / "eval.json", tmp_path / "m" / "zp.csv"
-    assert main(["eval", str(results), "--out", str(out), "--plot", str(plot)]) == 0
-    metrics = json.loads(out.read_text())
-    assert metrics["eval/syn/zero_shot/top5"] == 0.9 and metrics["eval/syn/linear_probe/C"] == 0.5
-    with plot.open() as f:
-        rows = list(csv.DictReader(f))
-    assert rows == [{"dataset": "syn", "zero_shot": "0.7", "linear_probe": "0.8"}]
+    out = tmp_path / "m"
+    (out / "gone_top1.json").parent.mkdir()
+    (out / "gone_top1.json").write_text("{}")  # a previous, larger suite's file
+    assert main(["eval", str(results), "--out-dir", str(out)]) == 0
+    files = {f.name: json.loads(f.read_text()) for f in sorted(out.iterdir())}
+    assert files == {
+        "linear_probe_top1.json": {"syn": 0.8, "mean": 0.8},
+        "retrieval_image_to_text_R1.json": {"tux": 0.3},
+        "retrieval_text_to_image_R1.json": {"tux": 0.4},
+        "zero_shot_top1.json": {"syn": 0.7, "digits": 0.2, "mean": pytest.approx(0.45)},
+    }
+
+
+def test_export_train_and_overlap_metrics(tmp_path: Path) -> None:
+    """The loss curve's last point (a resumed step logged twice counts once) and only the
+    published contamination figures, never an unverified detector's candidates."""
+    from flows.export import overlap_metrics, plot_loss, train_metrics
+
+    assert train_metrics([(1, 4.9), (2, 4.5), (3, 4.1)]) == {"final_loss": 4.1, "steps": 3.0}
+    assert train_metrics([]) == {}
+    png = plot_loss([(1, 4.9), (2, 4.5)], tmp_path / "r" / "loss.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    report = {
+        "datasets": {
+            "a": {"contamination": 0.02, "all_minus_clean": 0.001, "status": "calibrated"},
+            # written before statuses existed: 17 uncalibrated cosine candidates, no exact copy
+            "b": {
+                "contamination": 0.017,
+                "n_overlap": 17,
+                "n_all": 1000,
+                "exact_duplicates": 0,
+                "score": "cosine",
+                "calibration": "simulated",
+            },
+        }
+    }
+    shown = overlap_metrics(report)
+    assert shown["a"] == 0.02 and shown["max"] == max(shown.values())
+    assert shown["b"] == 0.0, shown  # its exact duplicates only, of which there are none
 
 
 def test_demo_closing_text_names_every_place(tmp_path: Path) -> None:

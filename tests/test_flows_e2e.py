@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
+from mlflow_sections import ui_sections
 from prod_stack import PREFECT_SERVER_SCRIPT, RAY_LEAN_ENV, free_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,9 +201,11 @@ def test_deployments_run_on_a_process_worker(prefect: Prefect, tmp_path: Path) -
     runs = client.search_runs([exp.experiment_id], "tags.`clipops.run_name` = 'e2e'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     metrics = runs[0].data.metrics
-    top1 = metrics["eval/synthetic-test/zero_shot/top1"]
+    top1 = metrics["transfer/synthetic-test/zero_shot/top1"]
     assert 0.0 <= top1 <= 1.0
     assert "train/loss" in metrics
+    sections = ui_sections(metrics)  # the run page lists the training curves first
+    assert sections[0] == "train" and len(sections) > 1, sections
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval")} >= {
         "eval/results.jsonl",
         "eval/summary.md",
@@ -318,7 +321,7 @@ def _nightly_fires_on_schedule(
     tags = nightly_runs[0].data.tags
     assert tags["clipops.training_run"] == training_run
     assert tags["clipops.suite"] == "smoke"  # the model's registered suite, not a parameter
-    assert "eval/synthetic-test/zero_shot/top1" in nightly_runs[0].data.metrics
+    assert "transfer/synthetic-test/zero_shot/top1" in nightly_runs[0].data.metrics
 
 
 def _watch(p: Prefect, name: str, params: dict[str, Any]) -> tuple[str, dict[str, Any], float]:

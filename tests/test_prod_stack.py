@@ -247,7 +247,7 @@ def _finished_run(tracking: str, run_name: str) -> str:
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
     run_id = str(runs[0].info.run_id)
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
-    assert 0.0 <= runs[0].data.metrics["eval/synthetic-test/zero_shot/top1"] <= 1.0
+    assert 0.0 <= runs[0].data.metrics["transfer/synthetic-test/zero_shot/top1"] <= 1.0
     return run_id
 
 

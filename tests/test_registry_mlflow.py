@@ -94,9 +94,9 @@ def test_register_first_run_becomes_champion(store: dict[str, Any]) -> None:
     assert not any("feature_cache" in p for p in linked)
     assert [f.path for f in client.list_artifacts(run_a, "overlap")] == ["overlap/overlap.json"]
     assert tags["clipops.eval_artifacts"] == f"runs:/{run_a}/eval"
-    history = client.get_metric_history(run_a, "eval/synth/zero_shot/top1")
+    history = client.get_metric_history(run_a, "transfer/synth/zero_shot/top1")
     assert [(m.value, m.step) for m in history] == [(pytest.approx(0.40), 12)]
-    assert not [k for k in run.data.metrics if k.startswith("eval/zero_shot/")]  # one name each
+    assert {k.split("/")[0] for k in run.data.metrics} <= {"train", "transfer"}  # one name each
 
     # rerunning registration reuses the version and keeps the promotion record
     again = register_run(run_a, eval_dir=store["evals"]["a"], tracking_uri=uri)
@@ -108,7 +108,7 @@ def test_register_first_run_becomes_champion(store: dict[str, Any]) -> None:
     mv = client.get_model_version(NAME, "1")
     assert mv.tags["clipops.promotion.decision"] == "promoted"
     assert mv.description.count("## Promotion decision") == 1
-    assert len(client.get_metric_history(run_a, "eval/synth/zero_shot/top1")) == 1
+    assert len(client.get_metric_history(run_a, "transfer/synth/zero_shot/top1")) == 1
 
 
 def test_logged_model_has_no_pickle_and_takes_raw_bytes(store: dict[str, Any]) -> None:

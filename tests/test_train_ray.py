@@ -201,8 +201,8 @@ def test_progress_lines_are_printed_without_a_terminal(killed_and_resumed: Any) 
 
 
 def test_loss_curve_continues_from_checkpoints(killed_and_resumed: Any) -> None:
-    """Each restart resumes from a checkpoint step > 0, and its first loss is far below the
-    loss of step 1 (a restart from scratch would be back near log(batch))."""
+    """Each restart resumes from a checkpoint step > 0, and its first losses are well below
+    every loss of a fresh start (a restart from scratch would be back near log(batch))."""
     root, _, killed_at, _ = killed_and_resumed
     resumes = [int(v) for _, v in _metric(root, "train/resume_step")]
     assert resumes[0] == 0
@@ -211,8 +211,12 @@ def test_loss_curve_continues_from_checkpoints(killed_and_resumed: Any) -> None:
     assert resumes[-1] == killed_at
     losses = dict(_metric(root, "train/loss"))
     assert set(range(1, TOTAL + 1)) <= set(losses), sorted(set(range(1, TOTAL + 1)) - set(losses))
-    first_after = losses[killed_at + 1]
-    assert first_after < losses[1] - 0.5, (losses[1], first_after)
+    # From scratch, the first 10 steps (warm-up, lr <= 2.5e-4) all sit near log(128) = 4.85
+    # (4.80..4.93 observed); a resumed run's next 5 losses average clearly below all of them.
+    # One step alone is too noisy (4.07 and 4.52 at consecutive steps were seen).
+    from_scratch = min(losses[s] for s in range(1, 11))
+    after = [losses[s] for s in range(killed_at + 1, killed_at + 6)]
+    assert sum(after) / len(after) < from_scratch - 0.1, (from_scratch, after)
 
 
 def test_a_mid_epoch_resume_starts_at_its_row_without_decoding_the_rows_before(
